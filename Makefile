@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED_WEIGHTS := $(abspath ../shared/weights/vit_small_patch14_dinov2.imgfocus.safetensors)
+# Offline machines use the shared DINOv2 ViT-S/14 file when it exists; with internet timm downloads it.
+export WSSS_WEIGHTS ?= $(if $(wildcard $(SHARED_WEIGHTS)),$(SHARED_WEIGHTS),)
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv demo test bench lint clean
+
+$(BIN)/wsss:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev]"
+
+venv: $(BIN)/wsss
+
+demo: venv
+	$(BIN)/python -m wsss.demo
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+bench: venv
+	$(BIN)/wsss bench step --config configs/toco/bench_deit-s.yaml
+
+lint: venv
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf runs data/demo

@@ -1,0 +1,76 @@
+"""``wsss bench step``: median training-step time and its ratio to the bare backbone forward+backward.
+
+Both are measured in one process on the same machine, batch (``train.batch_size``) and crop
+(``data.crop_size``), on random images with 1-3 random tags each, after warm-up repeats. The step is
+taken after the method's warm-ups (every loss on) and includes the optimizer update.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from wsss.build import build_dataset, build_method
+from wsss.data.classes import COCO, VOC
+from wsss.engine.optim import build_optimizer
+from wsss.engine.trainer import pick_device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, repeats: int, warmup: int, device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
+    """{"step_s", "bare_fwd_bwd_s", "ratio", ...} medians for ``cfg``'s method."""
+    torch.manual_seed(0)
+    try:
+        classes = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=False).classes
+    except Exception:  # no data needed to time a step: fall back to the dataset's standard classes
+        classes = COCO if cfg.data.dataset == "coco" else VOC
+    device = pick_device(cfg.train.device)
+    method = build_method(cfg, classes).to(device).train()
+    opt = build_optimizer(method, cfg.optim)
+    B, S = cfg.train.batch_size, cfg.data.crop_size
+    g = torch.Generator().manual_seed(0)
+    tags = torch.zeros(B, classes.num_fg)
+    for b in range(B):
+        tags[b, torch.randperm(classes.num_fg, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]] = 1
+    batch = {"image": torch.randn(B, 3, S, S, generator=g).to(device), "tags": tags.to(device),
+             "valid": torch.ones(B, S, S, dtype=torch.bool, device=device),
+             "mask": torch.randint(0, classes.K, (B, S, S), generator=g).to(device)}  # fmt: skip
+    it = cfg.train.max_iters - 1
+
+    def step():
+        out = method.train_step(batch, it)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def bare():
+        method.backbone(batch["image"]).tokens.float().mean().backward()
+        method.zero_grad(set_to_none=True)
+
+    steps = _time(step, repeats, warmup, device)
+    bares = _time(bare, repeats, warmup, device)
+    s, b = statistics.median(steps), statistics.median(bares)
+    return {
+        "method": cfg.method_name, "backbone": cfg.model.backbone, "batch": B, "crop": S, "device": str(device),
+        "threads": torch.get_num_threads(), "step_s": round(s, 4), "bare_fwd_bwd_s": round(b, 4),
+        "ratio": round(s / b, 2), "repeats": repeats, "warmup": warmup,
+    }  # fmt: skip

@@ -1,0 +1,35 @@
+"""Factories from a RunConfig: datasets, backbone and method. No name-specific branches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from wsss.config import RunConfig
+from wsss.data.base import SegDataset
+from wsss.data.classes import ClassSpec
+from wsss.data.transforms import EvalTransform, TrainTransform
+from wsss.registry import BACKBONES, DATASETS, METHODS
+
+
+def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool) -> SegDataset:
+    """The dataset of ``split``: training crops (``train``) or whole images."""
+    d = cfg.data
+    tf = TrainTransform(d.crop_size, tuple(d.scale_range), d.hflip, d.color_jitter) if train else EvalTransform()
+    try:
+        builder = DATASETS.get(d.dataset)
+    except KeyError as e:
+        raise ValueError(f"config key 'data.dataset': {e.args[0]}") from None
+    return builder(d, split, tf, load_masks)
+
+
+def model_config(cfg: RunConfig):
+    """ModelConfig with img_size resolved (0 -> data.crop_size)."""
+    m = cfg.model
+    return dataclasses.replace(m, img_size=m.img_size or cfg.data.crop_size)
+
+
+def build_method(cfg: RunConfig, classes: ClassSpec):
+    """Backbone + the configured method."""
+    mcfg = model_config(cfg)
+    backbone = BACKBONES.get("vit")(mcfg)
+    return METHODS.get(cfg.method_name)(cfg.method, classes, backbone, mcfg)

@@ -1,0 +1,1 @@
+"""CAMs, pseudo labels and their refinement."""

@@ -1,0 +1,234 @@
+"""The ``wsss`` command. Heavy imports live inside the subcommands so ``wsss --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("wsss")
+
+
+def _setup_logging() -> None:
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+
+
+def cmd_train(args, extra: list[str]) -> int:
+    from wsss.config import dump_config, load_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml", extra)
+    else:
+        if not args.config:
+            raise SystemExit("wsss train: --config is required (or --resume RUN_DIR)")
+        cfg = load_config(args.config, extra)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from wsss.engine import dist
+    from wsss.engine.trainer import Trainer, default_run_dir
+
+    if not args.resume:
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    if args.resume:  # overrides given at resume (e.g. a longer schedule) are part of the record
+        if dist.is_main():
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+    log.info("run directory: %s", run_dir)
+    res = trainer.fit(stop_at=args.stop_at)
+    if res is not None and dist.is_main():
+        (run_dir / "final_eval.json").write_text(json.dumps(res, indent=2))
+    dist.cleanup()
+    return 0
+
+
+def _load_run(target: str, extra: list[str]):
+    """(cfg, method, classes, device, run_dir) from a run directory or a checkpoint path."""
+    from wsss.build import build_method
+    from wsss.config import load_config
+    from wsss.data.classes import ClassSpec
+    from wsss.engine.checkpoint import load_checkpoint
+    from wsss.engine.trainer import pick_device
+
+    p = Path(target)
+    ckpt = p / "checkpoints" / "last.pt" if p.is_dir() else p
+    run_dir = ckpt.parent.parent
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise SystemExit(f"{cfg_path}: no config.yaml next to the checkpoint (give a run directory)")
+    cfg = load_config(cfg_path, ["--model.weights", "none", *extra])  # the checkpoint holds all weights
+    st = load_checkpoint(ckpt)
+    classes = ClassSpec(tuple(st["classes"]), background=bool(st["background"]))
+    device = pick_device(cfg.train.device)
+    method = build_method(cfg, classes)
+    method.load_state_dict(st["model"])
+    method.to(device).eval()
+    return cfg, method, classes, device, run_dir
+
+
+def cmd_evaluate(args, extra: list[str]) -> int:
+    from wsss.build import build_dataset
+    from wsss.data.loader import eval_loader
+    from wsss.engine import dist
+    from wsss.evaluation.evaluators import format_table, run_evaluation
+
+    cfg, method, classes, device, run_dir = _load_run(args.target, extra)
+    split = args.split or cfg.eval.split or cfg.data.val_split
+    ds = build_dataset(cfg, split, train=False, load_masks=True)
+    if args.max_images:
+        ds.items = ds.items[: args.max_images]
+    if tuple(ds.classes.names) != tuple(classes.names):
+        raise SystemExit(f"dataset classes {ds.classes.names} differ from the checkpoint's {classes.names}")
+    loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world_size(), cfg.data.num_workers)
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, desc=f"evaluate {split}", dynamic_ncols=True)  # noqa: E731
+    which = tuple(args.which.split(","))
+    res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
+    out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
+    report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
+              "crf": "none", "classes": list(classes.seg_names), "results": res}  # fmt: skip
+    from wsss.data.io import atomic_write
+
+    atomic_write(out, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    print(f"{cfg.method_name} on {split} ({len(ds)} images, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, no CRF)")
+    print(format_table(res, classes))
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_data(args, extra: list[str]) -> int:
+    if args.data_cmd == "demo":
+        from wsss.data.synthetic import DemoConfig, generate
+
+        cfg = DemoConfig(n_train=args.n_train, n_val=args.n_val, size=args.size, max_objects=args.max_objects,
+                         clutter=args.clutter, water_rate=args.water_rate, seed=args.seed)  # fmt: skip
+        root = generate(args.out, cfg)
+        print(f"demo data ({cfg.n_train} train, {cfg.n_val} val, {cfg.size}px) written to {root}")
+        return 0
+    from wsss.data.check import check_root
+
+    problems = check_root(args.root, args.dataset)
+    for sev, msg in problems:
+        print(f"{sev}: {msg}")
+    n_err = sum(s == "error" for s, _ in problems)
+    print(f"{n_err} errors, {len(problems) - n_err} warnings")
+    return 1 if n_err else 0
+
+
+def cmd_prepare(args, extra: list[str]) -> int:
+    from wsss.data import prepare
+
+    counts = prepare.prepare_voc(args.root) if args.dataset == "voc" else prepare.prepare_coco(args.root)
+    print(json.dumps(counts))
+    return 0
+
+
+def cmd_list(args, extra: list[str]) -> int:
+    from wsss.registry import BACKBONES, DATASETS, METHODS
+
+    if args.what == "backbones":
+        import timm
+
+        print("backbone wrappers:", ", ".join(BACKBONES.names()))
+        print("timm ViTs usable as model.backbone (pretrained tags omitted):")
+        print("\n".join(timm.list_models("vit_*") + timm.list_models("deit_*")))
+        return 0
+    reg = {"methods": METHODS, "datasets": DATASETS}[args.what]
+    for name in reg.names():
+        obj = reg.get(name)
+        doc = (obj.__doc__ or "").strip().splitlines()
+        print(f"{name:<20} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_bench(args, extra: list[str]) -> int:
+    from wsss.bench.step import bench_step
+
+    from wsss.config import load_config
+
+    cfg = load_config(args.config, extra)
+    res = bench_step(cfg, repeats=args.repeats, warmup=args.warmup)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``wsss`` command."""
+    p = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a method (dotted overrides such as --train.max_iters 100 follow)")
+    t.add_argument("--config", help="recipe YAML (configs/<method>/<dataset>_<backbone>.yaml)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    t.add_argument("--run-dir", help="output directory (default: train.out_dir/<method>-<dataset>-<time>)")
+    t.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--stop-at", type=int, default=0, metavar="ITER",
+                   help="stop after this iteration, schedule unchanged; continue later with --resume")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint")
+    e.add_argument("target", help="run directory or checkpoint file")
+    e.add_argument("--split", default="", help="split to evaluate (default: the config's val split)")
+    e.add_argument("--which", default="seg,cam,pseudo", help="comma list of seg, cam, pseudo")
+    e.add_argument("--max-images", type=int, default=0)
+    e.add_argument("--out", default="", help="JSON output (default: RUN_DIR/eval_<split>.json)")
+    e.set_defaults(fn=cmd_evaluate)
+    d = sub.add_parser("data", help="demo data and data checks")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dm = dsub.add_parser("demo", help="generate the built-in demo dataset (VOC layout)")
+    dm.add_argument("--out", required=True)
+    dm.add_argument("--n-train", type=int, default=400)
+    dm.add_argument("--n-val", type=int, default=100)
+    dm.add_argument("--size", type=int, default=168)
+    dm.add_argument("--max-objects", type=int, default=3)
+    dm.add_argument("--clutter", type=int, default=6)
+    dm.add_argument("--water-rate", type=float, default=0.1)
+    dm.add_argument("--seed", type=int, default=0)
+    dc = dsub.add_parser("check", help="report every problem of a dataset root")
+    dc.add_argument("root")
+    dc.add_argument("--dataset", default="auto", choices=["auto", "voc", "folder"])
+    d.set_defaults(fn=cmd_data)
+    pr = sub.add_parser("prepare", help="one-off dataset conversion")
+    pr.add_argument("dataset", choices=["voc", "coco"])
+    pr.add_argument("root")
+    pr.set_defaults(fn=cmd_prepare)
+    ls = sub.add_parser("list", help="list registered methods, datasets or backbones")
+    ls.add_argument("what", choices=["methods", "datasets", "backbones"])
+    ls.set_defaults(fn=cmd_list)
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    bs = bsub.add_parser("step", help="median training-step time vs the bare backbone forward+backward")
+    bs.add_argument("--config", required=True)
+    bs.add_argument("--repeats", type=int, default=5)
+    bs.add_argument("--warmup", type=int, default=2)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``wsss`` console script."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _setup_logging()
+    if extra and args.cmd not in ("train", "evaluate", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from wsss.config import ConfigError
+    from wsss.data.io import DataError
+
+    try:
+        return args.fn(args, extra)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"wsss: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

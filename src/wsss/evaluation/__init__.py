@@ -1,0 +1,1 @@
+"""Confusion-matrix metrics, evaluators and multi-scale inference."""

@@ -1,0 +1,164 @@
+"""Evaluators for segmentation predictions, CAMs and pseudo labels (reset / process / compute).
+
+CAM protocol: CAMs of the ground-truth image classes only, a constant background threshold
+(``bkg_thre``); the oracle sweep over thresholds uses the ground truth to pick the best one and is
+reported separately, labelled as such. Pseudo labels: scored with 255 counted as background, and with
+255 excluded (plus its coverage).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from wsss.cam.labels import cam_to_label
+from wsss.data.classes import ClassSpec
+from wsss.evaluation.confusion import ConfusionMatrix
+from wsss.evaluation.inference import multi_scale_seg
+
+SWEEP = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+class SegEvaluator:
+    """mIoU of argmax seg logits against masks."""
+
+    key = "seg"
+
+    def __init__(self, classes: ClassSpec) -> None:
+        self.classes = classes
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new pass."""
+        self.cm = ConfusionMatrix(self.classes.K, self.classes.ignore_index)
+
+    def process(self, batch: dict, outputs: dict) -> None:
+        """outputs["seg"]: (B, K, H, W) logits; batch["mask"]: (B, H, W)."""
+        self.cm.update(outputs["seg"].argmax(1).cpu(), batch["mask"])
+
+    def compute(self) -> dict:
+        """Metrics dict (see ConfusionMatrix.compute)."""
+        return self.cm.reduce().compute()
+
+
+class CAMEvaluator:
+    """CAMs as labels at a fixed background threshold, plus the oracle threshold sweep."""
+
+    key = "cam"
+
+    def __init__(self, classes: ClassSpec, bkg_thre: float = 0.5, sweep: bool = True) -> None:
+        self.classes, self.bkg, self.sweep = classes, bkg_thre, sweep
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new pass."""
+        thr = sorted({self.bkg, *(SWEEP if self.sweep else ())})
+        self.cms = {t: ConfusionMatrix(self.classes.K, self.classes.ignore_index) for t in thr}
+
+    def process(self, batch: dict, outputs: dict) -> None:
+        """outputs["cam"]: (B, C, H, W) in [0, 1]; uses batch["tags"] (ground-truth classes)."""
+        cam, tags = outputs["cam"].cpu(), batch["tags"].cpu()
+        for t, cm in self.cms.items():
+            cm.update(cam_to_label(cam, tags, self.classes, bkg=t), batch["mask"])
+
+    def compute(self) -> dict:
+        """Metrics at ``bkg_thre``; with the sweep, ``oracle_sweep`` {thre: miou} and its best."""
+        res = {t: cm.reduce().compute() for t, cm in self.cms.items()}
+        out = dict(res[self.bkg], bkg_thre=self.bkg)
+        if self.sweep:
+            curve = {t: r["miou"] for t, r in res.items() if t in SWEEP}
+            best = max(curve, key=lambda t: -1 if math.isnan(curve[t]) else curve[t])
+            out["oracle_sweep"] = {"thresholds": curve, "best_thre": best, "best_miou": curve[best],
+                                   "note": "oracle: threshold chosen with ground truth"}  # fmt: skip
+        return out
+
+
+class PseudoLabelEvaluator:
+    """Pseudo labels (255 = ignore) scored two ways: 255 as background, and 255 excluded."""
+
+    key = "pseudo"
+
+    def __init__(self, classes: ClassSpec) -> None:
+        self.classes = classes
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new pass."""
+        K, ig = self.classes.K, self.classes.ignore_index
+        self.as_bg, self.excl = ConfusionMatrix(K, ig), ConfusionMatrix(K, ig)
+
+    def process(self, batch: dict, outputs: dict) -> None:
+        """outputs["pseudo"]: (B, H, W) labels."""
+        lab = outputs["pseudo"].cpu()
+        self.excl.update(lab, batch["mask"])  # 255 falls in the abstain column
+        if self.classes.background:
+            self.as_bg.update(torch.where(lab == self.classes.ignore_index, 0, lab), batch["mask"])
+
+    def compute(self) -> dict:
+        """Metrics with 255 as background (main), plus ``ignored_excluded`` and its coverage."""
+        ex = self.excl.reduce().compute()
+        tp = self.excl.mat.double().diag()
+        answered = self.excl.mat.double()
+        prec_iou = tp / (answered.sum(1) + answered.sum(0) - tp)  # 255 pixels left out entirely
+        excl = {"miou": float(torch.nanmean(prec_iou)), "coverage": ex["coverage"], "iou": prec_iou.tolist()}
+        main = self.as_bg.reduce().compute() if self.classes.background else ex
+        return dict(main, ignored_excluded=excl)
+
+
+def build_evaluators(method, classes: ClassSpec, ecfg, which: tuple[str, ...]) -> list:
+    """The evaluators of ``which`` (seg, cam, pseudo) that ``method`` supports."""
+    evs = []
+    if "seg" in which:
+        evs.append(SegEvaluator(classes))
+    if method.has_cams and "cam" in which:
+        evs.append(CAMEvaluator(classes, method.cfg.bkg_thre if hasattr(method.cfg, "bkg_thre") else ecfg.bkg_thre, ecfg.sweep))
+    if method.has_cams and "pseudo" in which:
+        evs.append(PseudoLabelEvaluator(classes))
+    return evs
+
+
+@torch.no_grad()
+def run_evaluation(method, loader, classes: ClassSpec, ecfg, device, which=("seg", "cam", "pseudo"), progress=None) -> dict:
+    """Evaluate ``method`` over ``loader`` (batches with masks); returns {key: metrics}."""
+    evs = build_evaluators(method, classes, ecfg, which)
+    was_training = method.training
+    method.eval()
+    for batch in progress(loader) if progress else loader:
+        x = batch["image"].to(device)
+        tags = batch["tags"].to(device)
+        outputs = {}
+        if any(e.key == "seg" for e in evs):
+            outputs["seg"] = multi_scale_seg(method, x, tuple(ecfg.scales), ecfg.flip)
+        if any(e.key in ("cam", "pseudo") for e in evs):
+            cam = method.predict_cams(x, tags)
+            outputs["cam"] = cam
+            if any(e.key == "pseudo" for e in evs):
+                outputs["pseudo"] = method.pseudo_labels(x, tags, batch["valid"].to(device))
+        for e in evs:
+            e.process(batch, outputs)
+    method.train(was_training)
+    return {e.key: e.compute() for e in evs}
+
+
+def format_table(results: dict, classes: ClassSpec) -> str:
+    """Per-class IoU table (rows: classes, columns: evaluated outputs) plus mIoU lines."""
+    keys = list(results)
+    head = f"{'class':<16}" + "".join(f"{k:>10}" for k in keys)
+    lines = [head, "-" * len(head)]
+    for i, name in enumerate(classes.seg_names):
+        row = f"{name[:16]:<16}"
+        for k in keys:
+            v = results[k]["iou"][i]
+            row += f"{'-' if math.isnan(v) else f'{100 * v:.1f}':>10}"
+        lines.append(row)
+    lines.append("-" * len(head))
+    lines.append(f"{'mIoU':<16}" + "".join(f"{100 * results[k]['miou']:>10.2f}" for k in keys))
+    lines.append(f"{'pixel acc':<16}" + "".join(f"{100 * results[k]['pixel_acc']:>10.2f}" for k in keys))
+    if "cam" in results and "oracle_sweep" in results["cam"]:
+        o = results["cam"]["oracle_sweep"]
+        lines.append(f"CAM oracle sweep (uses ground truth): best bkg_thre {o['best_thre']:.2f} -> mIoU {100 * o['best_miou']:.2f}")
+    if "pseudo" in results:
+        e = results["pseudo"]["ignored_excluded"]
+        lines.append(f"pseudo labels with 255 excluded: mIoU {100 * e['miou']:.2f} at coverage {100 * e['coverage']:.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Functional losses, one concern per file."""

@@ -1,0 +1,83 @@
+"""The method interface. The trainer, evaluators and CLI only talk to this.
+
+A method is an ``nn.Module`` that owns its heads and losses on top of a shared backbone:
+``train_step(batch, it) -> StepOutput`` (called through ``forward`` so that DDP syncs gradients),
+``predict_seg``, ``predict_cams``, ``pseudo_labels`` and an optional ``on_step_end`` (EMA teachers,
+memory banks). Register with ``@METHODS.register("name")``; give the class a frozen ``Config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wsss.data.classes import ClassSpec
+
+
+@dataclass
+class StepOutput:
+    """Total loss (scalar tensor with graph) and named scalars to log (each loss by name)."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class; subclasses set ``Config`` and implement ``train_step`` and the predict functions.
+
+    Args:
+        cfg: the method's Config instance.
+        classes: ClassSpec of the dataset.
+        backbone: a ViTBackbone (or any module with the same interface).
+        model_cfg: the run's ModelConfig (aux layer, head widths).
+    """
+
+    Config: ClassVar[type]
+    needs_masks: ClassVar[bool] = False  # reads ground-truth masks in training (fully supervised only)
+    has_cams: ClassVar[bool] = True  # predict_cams / pseudo_labels are available
+
+    def __init__(self, cfg, classes: ClassSpec, backbone: nn.Module, model_cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.classes = classes
+        self.backbone = backbone
+        self.model_cfg = model_cfg
+
+    def forward(self, batch: dict, it: int) -> StepOutput:
+        """Same as :meth:`train_step`; lets DDP see the training forward."""
+        return self.train_step(batch, it)
+
+    def train_step(self, batch: dict, it: int) -> StepOutput:
+        """One forward with losses on ``batch`` (image (B, 3, H, W), tags (B, C), valid (B, H, W))."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """[{params, lr_mult}]: pretrained backbone at lr x1, new layers at the config's head multiplier."""
+        bb = [p for p in self.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in bb}
+        new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": bb, "lr_mult": 1.0, "name": "backbone"}, {"params": new, "lr_mult": None, "name": "heads"}]
+
+    def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits (B, K, H, W) at the input size."""
+        raise NotImplementedError
+
+    def predict_cams(self, images: torch.Tensor, tags: torch.Tensor | None = None) -> torch.Tensor:
+        """CAMs (B, C, H, W) in [0, 1] at the input size."""
+        raise NotImplementedError(f"{type(self).__name__} produces no CAMs")
+
+    def pseudo_labels(self, images: torch.Tensor, tags: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The pseudo labels (B, H, W) this method trains its seg head on (255 = ignore)."""
+        raise NotImplementedError(f"{type(self).__name__} produces no pseudo labels")
+
+    def on_step_end(self, it: int) -> None:
+        """Called after each optimizer step (EMA teachers, memory banks)."""
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) to ``size`` (no-op when equal)."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,152 @@
+"""timm ViT wrapper: patch tokens as NCHW maps, intermediate layers, optional attention maps.
+
+The block loop is ours (not ``forward_features``) so that method modules can hook in after any block
+(``block_hooks``) and before the blocks (``embed_hook``, e.g. token masking). Weights, in order of
+precedence: a file path in the config; ``$WSSS_WEIGHTS`` when the config asks for pretrained
+(``timm``); timm's own pretrained download and cache; else random init with a warning. The source
+used is recorded in ``weights_source`` and written into the run's env.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wsss.registry import BACKBONES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackboneOutput:
+    """``tokens`` (B, D, h, w) final normed patch map; ``layers`` {index: (B, D, h, w)} pre-norm maps
+    of requested blocks; ``prefix`` (B, P, D) final class/register tokens; ``attn`` list of
+    (B, heads, T, T) attention maps of requested blocks."""
+
+    tokens: torch.Tensor
+    layers: dict[int, torch.Tensor]
+    prefix: torch.Tensor
+    attn: dict[int, torch.Tensor]
+
+
+def resolve_weights(weights: str) -> tuple[str | None, str]:
+    """(local file or None, source label) for a config ``weights`` value: timm | none | PATH."""
+    if weights in ("none", "", None):
+        return None, "none (random init, by config)"
+    if weights != "timm":
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: weights file not found (model.weights)")
+        return str(p), f"file:{p}"
+    env = os.environ.get("WSSS_WEIGHTS")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: weights file not found (WSSS_WEIGHTS)")
+        return str(p), f"file:{p} (WSSS_WEIGHTS)"
+    return None, "timm"
+
+
+class ViTBackbone(nn.Module):
+    """A timm VisionTransformer used as a patch-token encoder.
+
+    Args:
+        name: timm model name (e.g. ``vit_base_patch16_224``, ``vit_small_patch14_dinov2``).
+        weights: ``timm`` | ``none`` | path to a local weights file.
+        img_size: position-embedding grid size the model is built for (resampled from the weights).
+        drop_path: stochastic depth rate.
+    """
+
+    def __init__(self, name: str, weights: str = "timm", img_size: int = 224, drop_path: float = 0.0) -> None:
+        super().__init__()
+        import timm
+
+        file, source = resolve_weights(weights)
+        kw = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path)
+        if file is not None:
+            self.vit = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kw)
+        elif source == "timm":
+            try:
+                self.vit = timm.create_model(name, pretrained=True, **kw)
+                source = "timm pretrained"
+            except Exception as e:  # offline, unknown tag, hub error: fall back, loudly
+                log.warning(
+                    "could not get pretrained weights for %s (%s: %s); RANDOM INIT. Give a local file with "
+                    "model.weights=PATH or WSSS_WEIGHTS=PATH.", name, type(e).__name__, str(e).splitlines()[0][:200]
+                )
+                self.vit = timm.create_model(name, pretrained=False, **kw)
+                source = "none (random init: pretrained weights unavailable)"
+        else:
+            self.vit = timm.create_model(name, pretrained=False, **kw)
+        self.weights_source = source
+        self.embed_dim: int = self.vit.embed_dim
+        self.depth = len(self.vit.blocks)
+        self.num_prefix = self.vit.num_prefix_tokens
+        ps = self.vit.patch_embed.patch_size
+        self.patch_size: int = ps[0] if isinstance(ps, (tuple, list)) else ps
+        self.embed_hook = None  # fn(tokens (B, h, w, D)) -> tokens, before position embedding
+        self.block_hooks: dict[int, list] = {}  # block index -> [fn(x (B, T, D), hw) -> x]
+
+    def _index(self, i: int) -> int:
+        return i % self.depth
+
+    def forward(self, x: torch.Tensor, layers: tuple[int, ...] = (), attn_layers: tuple[int, ...] = ()) -> BackboneOutput:
+        """Encode images (B, 3, H, W); ``layers`` / ``attn_layers`` are block indices (negatives allowed)."""
+        vit = self.vit
+        p = self.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            # Resize (not pad) to the nearest patch multiple: the token grid then spans exactly the
+            # image, so maps upsampled back to (H, W) stay aligned.
+            x = F.interpolate(x, size=(max(p, round(H / p) * p), max(p, round(W / p) * p)), mode="bilinear",
+                              align_corners=False)  # fmt: skip
+        want = {self._index(i) for i in layers}
+        want_attn = {self._index(i) for i in attn_layers}
+        t = vit.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
+        h, w = t.shape[1], t.shape[2]
+        if self.embed_hook is not None:
+            t = self.embed_hook(t)
+        t = vit._pos_embed(t)
+        t = vit.patch_drop(t)
+        t = vit.norm_pre(t)
+        out_layers, out_attn = {}, {}
+        P = self.num_prefix
+        for i, blk in enumerate(vit.blocks):
+            if i in want_attn:
+                out_attn[i] = attention_map(blk, t)
+            t = blk(t)
+            for fn in self.block_hooks.get(i, ()):
+                t = fn(t, (h, w))
+            if i in want:
+                out_layers[i] = _to_map(t[:, P:], h, w)
+        t = vit.norm(t)
+        return BackboneOutput(_to_map(t[:, P:], h, w), out_layers, t[:, :P], out_attn)
+
+
+def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    B, N, D = tokens.shape
+    return tokens[:, : h * w].transpose(1, 2).reshape(B, D, h, w)
+
+
+def attention_map(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax attention (B, heads, T, T) that timm block ``blk`` computes on input tokens ``x``.
+
+    Recomputed from the block's own qkv projection, so fused attention can stay on for the forward.
+    """
+    attn = blk.attn
+    B, T, _ = x.shape
+    qkv = attn.qkv(blk.norm1(x)).reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+
+
+@BACKBONES.register("vit")
+def build_vit(cfg) -> ViTBackbone:
+    """Backbone from a ModelConfig-like object (backbone, weights, img_size, drop_path)."""
+    return ViTBackbone(cfg.backbone, cfg.weights, cfg.img_size, cfg.drop_path)

@@ -1,0 +1,55 @@
+"""Heads shared by the methods: CAM/classifier head and LargeFOV segmentation head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class CAMHead(nn.Module):
+    """1x1 conv classifier without bias; its weights turn a feature map into class activation maps.
+
+    Args:
+        dim: feature channels D.
+        num_fg: foreground classes C.
+    """
+
+    def __init__(self, dim: int, num_fg: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, num_fg, 1, bias=False)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """Image logits (B, C) from global max pooling of ``feat`` (B, D, h, w)."""
+        return self.conv(feat.amax(dim=(2, 3), keepdim=True)).flatten(1)
+
+    def cam(self, feat: torch.Tensor) -> torch.Tensor:
+        """Raw CAMs relu(conv(feat)): (B, D, h, w) -> (B, C, h, w)."""
+        return torch.relu(self.conv(feat))
+
+
+class LargeFOVHead(nn.Module):
+    """DeepLab-LargeFOV style head: two dilated 3x3 convs and a 1x1 classifier.
+
+    Args:
+        dim: input channels D.
+        hidden: hidden channels.
+        num_classes: K segmentation classes (background included when the ClassSpec has one).
+        dilation: dilation of the 3x3 convs.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_classes: int, dilation: int = 5) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(dim, hidden, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.ReLU(inplace=True),
+        )
+        self.cls = nn.Conv2d(hidden, num_classes, 1, bias=False)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> seg logits (B, K, h, w)."""
+        return self.cls(self.body(feat))

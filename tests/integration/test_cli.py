@@ -1,0 +1,84 @@
+"""End-to-end CLI runs on tiny demo data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wsss.cli import main
+
+
+def _train(tmp_path, name, tiny_args, *extra):
+    run = tmp_path / name
+    rc = main(["train", "--config", "configs/demo/toco.yaml", "--run-dir", str(run), *tiny_args,
+               "--train.max_iters", "4", "--method.seg_warmup", "2", "--optim.warmup_iters", "2", *extra])  # fmt: skip
+    assert rc == 0
+    return run
+
+
+def test_train_writes_run_dir_and_evaluate(tmp_path, tiny_args, capsys):
+    run = _train(tmp_path, "a", tiny_args)
+    for f in ("config.yaml", "env.json", "metrics.jsonl", "checkpoints/last.pt", "final_eval.json"):
+        assert (run / f).is_file(), f
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4]
+    assert {"cls", "aux_cls", "ptc"} <= set(steps[0]) and "seg" in steps[-1]
+    assert json.loads((run / "env.json").read_text())["weights_source"].startswith("none")
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    res = json.loads((run / "eval_val.json").read_text())
+    assert set(res["results"]) == {"seg", "cam", "pseudo"} and res["images"] == 4
+    assert "oracle_sweep" in res["results"]["cam"]
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_args):
+    full = _train(tmp_path, "full", tiny_args)
+    part = tmp_path / "part"
+    assert main(["train", "--config", "configs/demo/toco.yaml", "--run-dir", str(part), *tiny_args,
+                 "--train.max_iters", "4", "--method.seg_warmup", "2", "--optim.warmup_iters", "2",
+                 "--stop-at", "2"]) == 0  # fmt: skip
+    assert torch.load(part / "checkpoints" / "last.pt", weights_only=True)["iter"] == 2
+    assert main(["train", "--resume", str(part)]) == 0
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert b["iter"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_bad_input_is_one_line_error(tmp_path, capsys):
+    rc = main(["train", "--config", "configs/demo/toco.yaml", "--data.root", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "missing: data root does not exist" in err
+    rc = main(["train", "--config", "configs/demo/toco.yaml", "--train.max_iterz", "3"])
+    assert rc == 2 and "train.max_iterz" in capsys.readouterr().err
+
+
+def test_data_demo_and_check(tmp_path, capsys):
+    assert main(["data", "demo", "--out", str(tmp_path / "d"), "--n-train", "3", "--n-val", "2", "--size", "48"]) == 0
+    assert main(["data", "check", str(tmp_path / "d")]) == 0
+    assert "0 errors" in capsys.readouterr().out
+    assert main(["list", "methods"]) == 0
+    assert {"toco", "fully_supervised"} <= set(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny_args):
+    """2 gloo processes x micro-batch 1 == 1 process x 2 accumulated micro-batches of 1."""
+    common = ["--config", "configs/demo/toco.yaml", *tiny_args, "--train.max_iters", "2",
+              "--method.seg_warmup", "1", "--train.micro_batch", "1"]  # fmt: skip
+    assert main(["train", "--run-dir", str(tmp_path / "one"), *common]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "wsss", "train", "--run-dir", str(tmp_path / "two"), *common]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert json.loads((tmp_path / "two" / "env.json").read_text())["world_size"] == 2

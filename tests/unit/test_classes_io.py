@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss.data.classes import VOC, ClassSpec, voc_palette
+from wsss.data.io import DataError, image_problem, read_image, read_mask, write_mask
+
+
+def test_voc_palette_known_entries():
+    pal = voc_palette()
+    assert pal[0].tolist() == [0, 0, 0] and pal[1].tolist() == [128, 0, 0]
+    assert pal[15].tolist() == [192, 128, 128] and pal[255].tolist() == [224, 224, 192]
+
+
+def test_classspec_indices():
+    assert (VOC.num_fg, VOC.K, VOC.fg_offset) == (20, 21, 1)
+    nb = ClassSpec(("x", "y"), background=False)
+    assert (nb.K, nb.fg_offset, nb.seg_names) == (2, 0, ("x", "y"))
+    assert VOC.multi_hot(["cat", "person"]).nonzero()[0].tolist() == [7, 14]
+    assert VOC.tags_from_mask(np.array([[0, 8], [255, 15]])) == ["cat", "person"]
+    with pytest.raises(KeyError, match="unknown tag 'kat'"):
+        VOC.index("kat")
+
+
+def test_palette_mask_roundtrip_keeps_indices(tmp_path):
+    m = np.array([[0, 15, 255], [3, 3, 20]], dtype=np.uint8)
+    write_mask(tmp_path / "m.png", m, voc_palette().flatten().tolist())
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.mode == "P"
+        assert np.asarray(im.convert("L")).tolist() != m.tolist()  # the trap a luminance read falls into
+    assert read_mask(tmp_path / "m.png").tolist() == m.tolist()
+    with pytest.raises(DataError, match=r"m.png: mask is 2x3 but its image is 4x4"):
+        read_mask(tmp_path / "m.png", (4, 4))
+
+
+def test_image_problems_named(tmp_path):
+    Image.new("RGBA", (4, 4)).save(tmp_path / "a.png")
+    Image.new("L", (4, 4)).save(tmp_path / "g.png")
+    Image.new("I;16", (4, 4)).save(tmp_path / "d.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    assert image_problem(tmp_path / "a.png")[0] == "warning"
+    assert image_problem(tmp_path / "g.png")[0] == "warning"
+    assert image_problem(tmp_path / "d.png") == ("error", f"{tmp_path / 'd.png'}: I;16 (16/32-bit) image; convert it to 8-bit RGB")
+    assert image_problem(tmp_path / "bad.jpg")[0] == "error"
+    assert read_image(tmp_path / "g.png").shape == (4, 4, 3)
+    with pytest.raises(DataError, match="16/32-bit"):
+        read_image(tmp_path / "d.png")
+    with pytest.raises(DataError, match="missing"):
+        read_image(tmp_path / "nope.jpg")

@@ -1,0 +1,29 @@
+import pytest
+
+from wsss.config import ConfigError, dump_config, load_config, resolve
+
+
+def test_typo_rejected_with_key_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_iter' \(did you mean 'train.max_iters'\?\)"):
+        load_config(None, ["--train.max_iter", "5"])
+    with pytest.raises(ConfigError, match=r"'method.high_thres'"):
+        load_config(None, ["--method.high_thres=0.5"])
+    with pytest.raises(ConfigError, match="must be int"):
+        load_config(None, ["--train.max_iters", "many"])
+    with pytest.raises(ConfigError, match="unknown method 'tocoo'"):
+        load_config(None, ["--method.name", "tocoo"])
+
+
+def test_overrides_types_and_roundtrip(tmp_path):
+    cfg = load_config("configs/toco/coco_vit-b.yaml", ["--train.max_iters", "7", "--eval.scales", "[1.0, 0.5]"])
+    assert cfg.train.max_iters == 7 and cfg.eval.scales == (1.0, 0.5)
+    assert cfg.method.high_thre == 0.65 and cfg.method.low_thre == 0.25  # base recipe merged under COCO's
+    assert cfg.data.dataset == "coco" and cfg.data.crop_size == 448
+    import yaml
+
+    assert resolve(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_base_with_other_method_replaces_method_section():
+    cfg = load_config("configs/demo/fully_supervised.yaml")
+    assert cfg.method_name == "fully_supervised" and cfg.data.crop_size == 112
