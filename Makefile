@@ -9,13 +9,17 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: venv demo test bench lint clean
 
-$(BIN)/wsss:
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+# The 5 GB environment is created only when missing; the package is reinstalled when pyproject.toml changes.
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
 
-venv: $(BIN)/wsss
+venv: $(VENV)/.installed
 
 demo: venv
 	$(BIN)/python -m wsss.demo
@@ -28,6 +32,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 
 clean:
 	rm -rf runs data/demo

@@ -80,6 +80,8 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     from wsss.evaluation.evaluators import format_table, run_evaluation
 
     cfg, method, classes, device, run_dir = _load_run(args.target, extra)
+    device = dist.init_from_env(device)  # under torchrun each rank scores its shard; matrices are summed
+    method.to(device)
     split = args.split or cfg.eval.split or cfg.data.val_split
     ds = build_dataset(cfg, split, train=False, load_masks=True)
     if args.max_images:
@@ -99,8 +101,14 @@ def cmd_evaluate(args, extra: list[str]) -> int:
               "crf": "none", "classes": list(classes.seg_names), "results": res}  # fmt: skip
     from wsss.data.io import atomic_write
 
+    if not dist.is_main():
+        dist.cleanup()
+        return 0
     atomic_write(out, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
-    print(f"{cfg.method_name} on {split} ({len(ds)} images, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, no CRF)")
+    dist.cleanup()
+    print(
+        f"{cfg.method_name} on {split} ({len(ds)} images, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, no CRF)"
+    )
     print(format_table(res, classes))
     print(f"written: {out}")
     return 0
@@ -153,7 +161,6 @@ def cmd_list(args, extra: list[str]) -> int:
 
 def cmd_bench(args, extra: list[str]) -> int:
     from wsss.bench.step import bench_step
-
     from wsss.config import load_config
 
     cfg = load_config(args.config, extra)
@@ -171,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     t.add_argument("--run-dir", help="output directory (default: train.out_dir/<method>-<dataset>-<time>)")
     t.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
-    t.add_argument("--stop-at", type=int, default=0, metavar="ITER",
-                   help="stop after this iteration, schedule unchanged; continue later with --resume")
+    t.add_argument(
+        "--stop-at",
+        type=int,
+        default=0,
+        metavar="ITER",
+        help="stop after this iteration, schedule unchanged; continue later with --resume",
+    )
     t.set_defaults(fn=cmd_train)
     e = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint")
     e.add_argument("target", help="run directory or checkpoint file")
@@ -187,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", required=True)
     dm.add_argument("--n-train", type=int, default=400)
     dm.add_argument("--n-val", type=int, default=100)
-    dm.add_argument("--size", type=int, default=168)
+    dm.add_argument("--size", type=int, default=112)
     dm.add_argument("--max-objects", type=int, default=3)
     dm.add_argument("--clutter", type=int, default=6)
     dm.add_argument("--water-rate", type=float, default=0.1)

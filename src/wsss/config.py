@@ -51,8 +51,9 @@ class ModelConfig:
     weights: str = "timm"  # timm (pretrained download, or $WSSS_WEIGHTS) | none | /path/to/file
     img_size: int = 0  # position-embedding grid the model is built for; 0: data.crop_size
     drop_path: float = 0.1
+    freeze_blocks: int = 0  # freeze the patch embedding and the first N blocks (cheaper backward, less memory)
     aux_layer: int = -3  # block whose tokens feed the auxiliary CAM head
-    seg_hidden: int = 256  # width of the LargeFOV segmentation head
+    seg_hidden: int = 512  # width of the LargeFOV segmentation head (ToCo's is 512)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, a, key) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and value is None:
         return ""
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/demo")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--configs", default="configs/demo")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides for both runs, e.g. --train.max_iters 50")
+    p.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="dotted overrides for both runs, e.g. --train.max_iters 50"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     data = Path(args.data)

@@ -82,3 +82,15 @@ def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     assert json.loads((tmp_path / "two" / "env.json").read_text())["world_size"] == 2
+
+
+def test_tensorboard_scalars_and_prediction_grid(tmp_path, tiny_args):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _train(tmp_path, "tb", tiny_args, "--train.tensorboard", "true")
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"train/loss", "train/cls", "seg_miou", "cam_miou"} <= set(acc.Tags()["scalars"])
+    img = acc.Images("val/predictions")[0]
+    assert img.width == 5 * 64  # image | CAM | pseudo label | seg | ground truth, 64 px demo images

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from tests.conftest import TINY
 from wsss.build import build_method
 from wsss.config import load_config
 from wsss.data.classes import ClassSpec
 from wsss.engine.optim import build_optimizer
 from wsss.registry import METHODS
-from tests.conftest import TINY
 
 SPEC = ClassSpec(("a", "b", "c"))
 
@@ -57,3 +57,24 @@ def test_toco_seg_loss_only_after_warmup():
     assert "seg" in out.logs
     out.loss.backward()
     assert m.seg_head.cls.weight.grad.abs().sum() > 0
+
+
+def test_toco_ctc_teacher_is_ema_of_student_projector_and_gets_no_gradient():
+    cfg = load_config(None, TINY + ["--method.ctc_local_size", "32", "--method.ctc_momentum", "0.75"])
+    m = build_method(cfg, SPEC)
+    opt = build_optimizer(m, cfg.optim)
+    out = m.train_step(_batch(), 0)
+    assert "ctc" in out.logs
+    out.loss.backward()
+    assert all(p.grad is None for p in m.proj_t.parameters())
+    assert m.proj.last.grad.abs().sum() > 0 and m.backbone.vit.cls_token.grad.abs().sum() > 0
+    before_t = m.proj_t.last.detach().clone()
+    opt.step()
+    m.on_step_end(0)
+    assert torch.allclose(m.proj_t.last, 0.75 * before_t + 0.25 * m.proj.last.detach())
+    assert not any(id(p) in {id(q) for g in opt.param_groups for q in g["params"]} for p in m.proj_t.parameters())
+
+
+def test_toco_ctc_off_has_no_projector():
+    m = build_method(load_config(None, TINY + ["--method.w_ctc", "0"]), SPEC)
+    assert not hasattr(m, "proj") and "ctc" not in m.train_step(_batch(), 0).logs

@@ -40,7 +40,10 @@ def test_image_problems_named(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     assert image_problem(tmp_path / "a.png")[0] == "warning"
     assert image_problem(tmp_path / "g.png")[0] == "warning"
-    assert image_problem(tmp_path / "d.png") == ("error", f"{tmp_path / 'd.png'}: I;16 (16/32-bit) image; convert it to 8-bit RGB")
+    assert image_problem(tmp_path / "d.png") == (
+        "error",
+        f"{tmp_path / 'd.png'}: I;16 (16/32-bit) image; convert it to 8-bit RGB",
+    )
     assert image_problem(tmp_path / "bad.jpg")[0] == "error"
     assert read_image(tmp_path / "g.png").shape == (4, 4, 3)
     with pytest.raises(DataError, match="16/32-bit"):

@@ -17,6 +17,7 @@ def test_typo_rejected_with_key_name(tmp_path):
 def test_overrides_types_and_roundtrip(tmp_path):
     cfg = load_config("configs/toco/coco_vit-b.yaml", ["--train.max_iters", "7", "--eval.scales", "[1.0, 0.5]"])
     assert cfg.train.max_iters == 7 and cfg.eval.scales == (1.0, 0.5)
+    assert load_config(None, ["--optim.lr", "2e-4"]).optim.lr == 2e-4  # YAML 1.1 alone would give a string
     assert cfg.method.high_thre == 0.65 and cfg.method.low_thre == 0.25  # base recipe merged under COCO's
     assert cfg.data.dataset == "coco" and cfg.data.crop_size == 448
     import yaml

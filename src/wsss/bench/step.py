@@ -1,7 +1,8 @@
 """``wsss bench step``: median training-step time and its ratio to the bare backbone forward+backward.
 
 Both are measured in one process on the same machine, batch (``train.batch_size``) and crop
-(``data.crop_size``), on random images with 1-3 random tags each, after warm-up repeats. The step is
+(``data.crop_size``), on random images with 1-3 random tags each, after warm-up repeats, the two
+interleaved repeat by repeat so that both see the same machine conditions. The step is
 taken after the method's warm-ups (every loss on) and includes the optimizer update.
 """
 
@@ -37,7 +38,8 @@ def _time(fn, repeats: int, warmup: int, device) -> list[float]:
 
 
 def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
-    """{"step_s", "bare_fwd_bwd_s", "ratio", ...} medians for ``cfg``'s method."""
+    """{"step_s", "bare_fwd_bwd_s", "ratio", ...} for ``cfg``'s method: medians, their ratio, the median of
+    the per-repeat ratios and the ratio of the minima (this shared 2-core machine drifts between runs)."""
     torch.manual_seed(0)
     try:
         classes = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=False).classes
@@ -66,11 +68,19 @@ def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
         method.backbone(batch["image"]).tokens.float().mean().backward()
         method.zero_grad(set_to_none=True)
 
-    steps = _time(step, repeats, warmup, device)
-    bares = _time(bare, repeats, warmup, device)
+    for _ in range(warmup):
+        step()
+        bare()
+    steps, bares = [], []
+    for _ in range(repeats):  # interleaved, so both see the same machine conditions
+        steps += _time(step, 1, 0, device)
+        bares += _time(bare, 1, 0, device)
     s, b = statistics.median(steps), statistics.median(bares)
+    pair = statistics.median(a / c for a, c in zip(steps, bares))
     return {
         "method": cfg.method_name, "backbone": cfg.model.backbone, "batch": B, "crop": S, "device": str(device),
         "threads": torch.get_num_threads(), "step_s": round(s, 4), "bare_fwd_bwd_s": round(b, 4),
-        "ratio": round(s / b, 2), "repeats": repeats, "warmup": warmup,
+        "ratio": round(s / b, 2), "ratio_paired_median": round(pair, 2),
+        "ratio_of_minima": round(min(steps) / min(bares), 2),
+        "repeats": repeats, "warmup": warmup,
     }  # fmt: skip

@@ -21,6 +21,8 @@ def multi_scale_cam(
     images: torch.Tensor,
     scales: tuple[float, ...] = (1.0, 0.5, 1.5),
     flip: bool = True,
+    base: dict[float, tuple[torch.Tensor, ...]] | None = None,
+    base_flip: dict[float, tuple[torch.Tensor, ...]] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Sum over scales of max(CAM, flipped-back CAM of the flipped image), min-max normalised.
 
@@ -29,20 +31,30 @@ def multi_scale_cam(
         images: (B, 3, H, W).
         scales: input rescale factors.
         flip: also run the horizontally flipped image (batched with the original: one pass per scale).
+        base: {scale: raw CAMs of the unflipped images at that scale} that the caller already has
+            (e.g. from a training forward; detached here); those passes are not run again.
+        base_flip: the same for the flipped images (CAMs of the flipped image, not flipped back).
 
     Returns:
         One (B, C, H, W) map in [0, 1] per output of ``cam_fn``.
     """
     B, _, H, W = images.shape
+    base, base_flip = base or {}, base_flip or {}
     sums: list[torch.Tensor] | None = None
     for s in scales:
         x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
-        if flip:
-            x = torch.cat([x, x.flip(-1)], 0)
-        outs = cam_fn(x)
+        todo = ([] if s in base else [x]) + ([x.flip(-1)] if flip and s not in base_flip else [])
+        ran = cam_fn(torch.cat(todo, 0)) if todo else None
+        outs = []
+        for k in range(len(ran) if ran is not None else len(base.get(s) or base_flip[s])):
+            got = list(torch.split(ran[k], B)) if ran is not None else []
+            parts = [base[s][k] if s in base else got.pop(0)]
+            if flip:
+                parts.append(base_flip[s][k] if s in base_flip else got.pop(0))
+            outs.append(torch.cat(parts, 0))
         maps = []
         for cam in outs:
-            cam = F.interpolate(cam.float(), size=(H, W), mode="bilinear", align_corners=False)
+            cam = F.interpolate(cam.detach().float(), size=(H, W), mode="bilinear", align_corners=False)
             if flip:
                 cam = torch.maximum(cam[:B], cam[B:].flip(-1))
             maps.append(torch.relu(cam))

@@ -85,15 +85,17 @@ def refine_pseudo_labels(
         refined = par_refine(img_s, torch.cat(stacks, 1), par_iters, dilations)
         refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
         n = refined.shape[1] // 2
-        arg_h, arg_l = refined[:, :n].argmax(1), refined[:, n:].argmax(1)
+        arg_h, arg_l = refined[:, :n].max(1).indices, refined[:, n:].max(1).indices
         cls_h = torch.gather(idx, 1, (arg_h - 1).clamp(min=0).flatten(1)).view(B, H, W) + classes.fg_offset
         label = torch.full_like(arg_h, classes.ignore_index)
         label = torch.where(arg_h > 0, cls_h, label)
         label = torch.where((arg_h == 0) & (arg_l == 0), torch.zeros_like(label), label)
     else:
         x = small(gathered.masked_fill(absent, float("-inf")).softmax(1))
-        refined = F.interpolate(par_refine(img_s, x, par_iters, dilations), size=(H, W), mode="bilinear", align_corners=False)
-        label = torch.gather(idx, 1, refined.argmax(1).flatten(1)).view(B, H, W)
+        refined = F.interpolate(
+            par_refine(img_s, x, par_iters, dilations), size=(H, W), mode="bilinear", align_corners=False
+        )
+        label = torch.gather(idx, 1, refined.max(1).indices.flatten(1)).view(B, H, W)
         label[(cam * tags[:, :, None, None]).amax(1) <= low] = classes.ignore_index
     if valid is not None:
         label[~valid] = classes.ignore_index

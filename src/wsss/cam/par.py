@@ -6,7 +6,8 @@ Affinities over an 8-neighbour stencil at several dilations (48 neighbours for d
 soft-maxed over neighbours; the position term is the same form on the neighbour distances
 (d or d*sqrt(2)), soft-maxed and weighted by ``w2``. Each iteration replaces a map by the
 affinity-weighted sum of its neighbours. Batched; neighbours are gathered by slicing a
-replicate-padded tensor, no per-pixel loops.
+replicate-padded tensor, no per-pixel loops; propagation accumulates one neighbour at a time, so
+memory stays at a few copies of the maps.
 """
 
 from __future__ import annotations
@@ -58,7 +59,15 @@ def par_refine(
     """Refine ``maps`` (B, C, H, W) with PAR on ``image`` (B, 3, H, W) (maps resized to the image)."""
     if maps.shape[-2:] != image.shape[-2:]:
         maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)
-    aff = par_affinity(image, dilations, w1, w2).unsqueeze(1)  # (B, 1, N, H, W)
+    aff = par_affinity(image, dilations, w1, w2).unsqueeze(2)  # (B, N, 1, H, W)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in _DIRS]
+    p = max(dilations)
+    H, W = maps.shape[-2:]
     for _ in range(iters):
-        maps = (_neighbors(maps, dilations) * aff).sum(dim=2)
+        # Accumulate neighbour by neighbour: never materialises the (B, C, N, H, W) stack.
+        mp = F.pad(maps, (p, p, p, p), mode="replicate")
+        out = torch.zeros_like(maps)
+        for n, (oy, ox) in enumerate(offsets):
+            out.addcmul_(mp[..., p + oy : p + oy + H, p + ox : p + ox + W], aff[:, n])
+        maps = out
     return maps

@@ -49,7 +49,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable wsss checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"{path}: not a readable wsss checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

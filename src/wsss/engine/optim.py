@@ -8,7 +8,11 @@ import torch
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in ("pos_embed", "cls_token", "reg_token", "mask_token"))
+    return (
+        p.ndim <= 1
+        or name.endswith(".bias")
+        or any(k in name for k in ("pos_embed", "cls_token", "reg_token", "mask_token"))
+    )
 
 
 def build_optimizer(method: torch.nn.Module, ocfg) -> torch.optim.AdamW:
@@ -24,8 +28,12 @@ def build_optimizer(method: torch.nn.Module, ocfg) -> torch.optim.AdamW:
         nodec = [p for p in g["params"] if _no_decay(names.get(id(p), ""), p)]
         for params, wd, suffix in ((dec, ocfg.weight_decay, ""), (nodec, 0.0, "_no_wd")):
             if params:
-                groups.append({"params": params, "lr_mult": mult, "weight_decay": wd, "name": g.get("name", "") + suffix})
-    opt = torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas))
+                groups.append(
+                    {"params": params, "lr_mult": mult, "weight_decay": wd, "name": g.get("name", "") + suffix}
+                )
+    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop; same update.
+    fused = all(p.is_floating_point() for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas), fused=fused)
     for g in opt.param_groups:
         g["lr"] = ocfg.lr * g["lr_mult"]
     return opt

@@ -101,7 +101,8 @@ class Trainer:
         micro = t.micro_batch or t.batch_size // world
         if micro < 1 or t.batch_size % (micro * world):
             raise ValueError(
-                f"config key 'train.batch_size': {t.batch_size} is not a multiple of micro_batch {micro} x {world} processes"
+                f"config key 'train.batch_size': {t.batch_size} is not a multiple of "
+                f"micro_batch {micro} x {world} processes"
             )
         self.micro, self.accum = micro, t.batch_size // (micro * world)
         seed_everything(t.seed)
@@ -125,6 +126,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             (self.run_dir / "env.json").write_text(json.dumps(env_info(self.method.backbone.weights_source), indent=2))
+        self.tb = None
+        if cfg.train.tensorboard and dist.is_main():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(
+                    "config key 'train.tensorboard': TensorBoard is not installed (pip install 'wsss[tb]')"
+                ) from None
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
         self.model = self.method
         if world > 1:
             self.model = DistributedDataParallel(
@@ -152,17 +162,29 @@ class Trainer:
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.tb is not None:
+                for k, v in rec.items():
+                    if k != "iter" and isinstance(v, (int, float)):
+                        self.tb.add_scalar(k if "miou" in k else f"train/{k}", v, rec["iter"])
 
     def evaluate(self, it: int) -> dict | None:
         """Evaluate on the val split, log to metrics.jsonl; returns the results (rank 0)."""
         if self.val_ds is None:
             return None
-        loader = eval_loader(self.val_ds, self.cfg.eval.batch_size, dist.rank(), dist.world_size(), self.cfg.data.num_workers)
+        loader = eval_loader(
+            self.val_ds, self.cfg.eval.batch_size, dist.rank(), dist.world_size(), self.cfg.data.num_workers
+        )
         res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device)
         self._log({"iter": it, "split": self.cfg.eval.split or self.cfg.data.val_split,
                    **{f"{k}_miou": v["miou"] for k, v in res.items()}})  # fmt: skip
         if dist.is_main():
             log.info("iteration %d evaluation:\n%s", it, format_table(res, self.classes))
+            if self.tb is not None:
+                from wsss.viz.report import prediction_grid
+
+                self.tb.add_image("val/predictions", prediction_grid(self.method, self.val_ds, self.device), it,
+                                  dataformats="HWC")  # fmt: skip
+                self.tb.flush()
         return res
 
     def fit(self, stop_at: int = 0) -> dict | None:
@@ -188,13 +210,17 @@ class Trainer:
             total = 0.0
             for k in range(self.accum):
                 batch = next(data)
-                batch = {k2: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
+                batch = {
+                    k2: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()
+                }
                 sync = nullcontext() if (world == 1 or k == self.accum - 1) else self.model.no_sync()
                 with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     out = self.model(batch, it)
                     loss = out.loss / self.accum
                 if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"iteration {it}: loss is {out.loss.item()} ({ {k: float(v) for k, v in out.logs.items()} })")
+                    raise FloatingPointError(
+                        f"iteration {it}: loss is {out.loss.item()} ({ {k: float(v) for k, v in out.logs.items()} })"
+                    )
                 self.scaler.scale(loss).backward()
                 total += float(loss.detach())
                 for name, v in out.logs.items():

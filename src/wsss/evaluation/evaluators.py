@@ -35,7 +35,7 @@ class SegEvaluator:
 
     def process(self, batch: dict, outputs: dict) -> None:
         """outputs["seg"]: (B, K, H, W) logits; batch["mask"]: (B, H, W)."""
-        self.cm.update(outputs["seg"].argmax(1).cpu(), batch["mask"])
+        self.cm.update(outputs["seg"].max(1).indices.cpu(), batch["mask"])
 
     def compute(self) -> dict:
         """Metrics dict (see ConfusionMatrix.compute)."""
@@ -112,14 +112,18 @@ def build_evaluators(method, classes: ClassSpec, ecfg, which: tuple[str, ...]) -
     if "seg" in which:
         evs.append(SegEvaluator(classes))
     if method.has_cams and "cam" in which:
-        evs.append(CAMEvaluator(classes, method.cfg.bkg_thre if hasattr(method.cfg, "bkg_thre") else ecfg.bkg_thre, ecfg.sweep))
+        evs.append(
+            CAMEvaluator(classes, method.cfg.bkg_thre if hasattr(method.cfg, "bkg_thre") else ecfg.bkg_thre, ecfg.sweep)
+        )
     if method.has_cams and "pseudo" in which:
         evs.append(PseudoLabelEvaluator(classes))
     return evs
 
 
 @torch.no_grad()
-def run_evaluation(method, loader, classes: ClassSpec, ecfg, device, which=("seg", "cam", "pseudo"), progress=None) -> dict:
+def run_evaluation(
+    method, loader, classes: ClassSpec, ecfg, device, which=("seg", "cam", "pseudo"), progress=None
+) -> dict:
     """Evaluate ``method`` over ``loader`` (batches with masks); returns {key: metrics}."""
     evs = build_evaluators(method, classes, ecfg, which)
     was_training = method.training
@@ -134,7 +138,7 @@ def run_evaluation(method, loader, classes: ClassSpec, ecfg, device, which=("seg
             cam = method.predict_cams(x, tags)
             outputs["cam"] = cam
             if any(e.key == "pseudo" for e in evs):
-                outputs["pseudo"] = method.pseudo_labels(x, tags, batch["valid"].to(device))
+                outputs["pseudo"] = method.pseudo_labels(x, tags, batch["valid"].to(device), cams=cam)
         for e in evs:
             e.process(batch, outputs)
     method.train(was_training)
@@ -157,8 +161,13 @@ def format_table(results: dict, classes: ClassSpec) -> str:
     lines.append(f"{'pixel acc':<16}" + "".join(f"{100 * results[k]['pixel_acc']:>10.2f}" for k in keys))
     if "cam" in results and "oracle_sweep" in results["cam"]:
         o = results["cam"]["oracle_sweep"]
-        lines.append(f"CAM oracle sweep (uses ground truth): best bkg_thre {o['best_thre']:.2f} -> mIoU {100 * o['best_miou']:.2f}")
+        lines.append(
+            f"CAM oracle sweep (uses ground truth): best bkg_thre {o['best_thre']:.2f} "
+            f"-> mIoU {100 * o['best_miou']:.2f}"
+        )
     if "pseudo" in results:
         e = results["pseudo"]["ignored_excluded"]
-        lines.append(f"pseudo labels with 255 excluded: mIoU {100 * e['miou']:.2f} at coverage {100 * e['coverage']:.1f}%")
+        lines.append(
+            f"pseudo labels with 255 excluded: mIoU {100 * e['miou']:.2f} at coverage {100 * e['coverage']:.1f}%"
+        )
     return "\n".join(lines)

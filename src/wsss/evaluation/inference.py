@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def multi_scale_seg(method, images: torch.Tensor, scales: tuple[float, ...] = (1.0,), flip: bool = False) -> torch.Tensor:
+def multi_scale_seg(
+    method, images: torch.Tensor, scales: tuple[float, ...] = (1.0,), flip: bool = False
+) -> torch.Tensor:
     """Mean over scales (and flips) of seg logits (B, K, H, W), each resized back to the input size."""
     B, _, H, W = images.shape
     total = None

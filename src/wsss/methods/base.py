@@ -70,8 +70,15 @@ class Method(nn.Module):
         """CAMs (B, C, H, W) in [0, 1] at the input size."""
         raise NotImplementedError(f"{type(self).__name__} produces no CAMs")
 
-    def pseudo_labels(self, images: torch.Tensor, tags: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """The pseudo labels (B, H, W) this method trains its seg head on (255 = ignore)."""
+    def pseudo_labels(
+        self,
+        images: torch.Tensor,
+        tags: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        cams: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The pseudo labels (B, H, W) this method trains its seg head on (255 = ignore); ``cams`` (B, C, H, W)
+        from :meth:`predict_cams` can be passed to avoid computing them again."""
         raise NotImplementedError(f"{type(self).__name__} produces no pseudo labels")
 
     def on_step_end(self, it: int) -> None:
@@ -80,4 +87,17 @@ class Method(nn.Module):
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (B, C, h, w) to ``size`` (no-op when equal)."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return (
+        x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    )
+
+
+def sample_generator(batch: dict, it: int, device: torch.device) -> torch.Generator | None:
+    """A generator seeded by (iteration, the batch's sample indices): random choices inside a step then
+    depend on which images are in the micro-batch, not on the process count or accumulation. None
+    (global RNG) when the batch carries no ``index``."""
+    if "index" not in batch:
+        return None
+    idx = [int(i) for i in batch["index"]]
+    seed = hash((it, *idx)) % (2**31)  # tuples of ints hash the same in every process
+    return torch.Generator(device=device).manual_seed(seed)

@@ -5,15 +5,31 @@ ViT patch tokens -> CAM head (global max pooling + 1x1 conv) and an auxiliary CA
 ignore band) -> LargeFOV seg head trained after ``seg_warmup`` iterations; patch token contrast
 (PTC) on token labels from the auxiliary CAM.
 
-Differences from the official code, all for speed, none changing a loss: the no-grad CAM passes run
-only the backbone and CAM heads (never the seg head), each scale's image and its flip go through one
-batched pass, PAR propagates only each image's present classes, and PAR is skipped while the seg
-loss is still off. ToCo's class-token contrast (CTC) is not implemented yet (``w_ctc`` is rejected
-until it is); its dense-CRF energy regulariser neither.
+Same losses and settings as the official code, computed with less work:
+
+- the no-grad CAM passes run only the backbone and the CAM heads, never the seg head;
+- forwards that run with gradient anyway double as CAM passes (detached): the training crop is the
+  unflipped scale-1 pass, and the CTC's second global view (the flipped crop, at
+  ``ctc_global_scale``) is the flipped pass at that scale; each remaining scale runs the image and
+  its flip as one batch;
+- the official CTC runs its global views through the encoder twice (a detached "teacher" pass of the
+  same encoder, then the student pass); one pass gives both here; all local crops of the batch are
+  cut by one ``roi_align``;
+- PAR propagates only each image's present classes, and is skipped while the seg loss is off.
+
+One difference in data: the official second global view is an independent random resized crop with
+colour jitter, blur and solarisation; ours is the flipped training crop at the same size.
+Not implemented yet: the dense-CRF energy regulariser (ToCo's ``w_reg``).
+
+Class-token contrast (CTC): two global views (the training crop, and its flip at ``ctc_global_scale``)
+and ``ctc_local_crops`` local crops from non-confident regions go through the backbone; their class
+tokens are projected (student projector, and an EMA teacher projector for the global views) and
+contrasted (see ``wsss.losses.class_token_contrast``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +38,12 @@ import torch.nn.functional as F
 from wsss.cam.cam import multi_scale_cam
 from wsss.cam.labels import cam_to_label, refine_pseudo_labels
 from wsss.data.transforms import denormalize
+from wsss.losses.class_token_contrast import class_token_contrast, roi_from_cam, sample_local_crops
 from wsss.losses.classification import multilabel_loss
 from wsss.losses.segmentation import balanced_seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
-from wsss.methods.base import Method, StepOutput, upsample
-from wsss.models.heads import CAMHead, LargeFOVHead
+from wsss.methods.base import Method, StepOutput, sample_generator, upsample
+from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
 
@@ -50,6 +67,14 @@ class ToCo(Method):
         w_ptc: float = 0.2
         w_seg: float = 0.1
         seg_warmup: int = 2000  # iterations before the seg loss is switched on
+        w_ctc: float = 0.5  # 0 switches the class-token contrast off
+        ctc_temp: float = 0.5
+        ctc_momentum: float = 0.9  # EMA of the teacher projector
+        ctc_local_crops: int = 8
+        ctc_local_size: int = 96
+        ctc_global_scale: float = 1.0  # second global view: the flipped crop at this scale
+        ctc_neg_ratio: float = 0.2
+        ctc_out_dim: int = 1024
 
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)
@@ -58,6 +83,32 @@ class ToCo(Method):
         self.aux_head = CAMHead(D, classes.num_fg)
         self.seg_head = LargeFOVHead(D, model_cfg.seg_hidden, classes.K)
         self.aux_layer = model_cfg.aux_layer % backbone.depth
+        if cfg.w_ctc > 0:
+            self.proj = ProjectionHead(D, cfg.ctc_out_dim)
+            self.proj_t = copy.deepcopy(self.proj).requires_grad_(False)
+
+    def _class_token(self, out) -> torch.Tensor:
+        # Backbones without a class token use the mean patch token.
+        return out.prefix[:, 0] if out.prefix.shape[1] else out.tokens.mean((2, 3))
+
+    def _ctc(self, x, glob, aux_cam, tags, gen) -> torch.Tensor:
+        c = self.cfg
+        B = x.shape[0]
+        roi = roi_from_cam(aux_cam, tags, c.high_thre, c.low_thre)
+        crops, flags, _ = sample_local_crops(x, roi, c.ctc_local_crops, c.ctc_local_size, c.ctc_neg_ratio, gen)
+        local = self._class_token(self.backbone(crops)).view(B, c.ctc_local_crops, -1)
+        student = self.proj(torch.cat([glob, local], 1).flatten(0, 1)).view(B, 2 + c.ctc_local_crops, -1)
+        teacher = self.proj_t(glob.detach().flatten(0, 1)).view(B, 2, -1)
+        all_flags = torch.cat([torch.ones_like(flags[:, :2]), flags], 1)
+        return class_token_contrast(teacher, student, all_flags, c.ctc_temp)
+
+    @torch.no_grad()
+    def on_step_end(self, it: int) -> None:
+        """EMA update of the CTC teacher projector."""
+        if self.cfg.w_ctc > 0:
+            m = self.cfg.ctc_momentum
+            for pt, ps in zip(self.proj_t.parameters(), self.proj.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
 
     def _cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.backbone(x, layers=(self.aux_layer,))
@@ -71,7 +122,15 @@ class ToCo(Method):
         feat, aux = out.tokens, out.layers[self.aux_layer]
         loss_cls = multilabel_loss(self.cam_head(feat), tags)
         loss_aux = multilabel_loss(self.aux_head(aux), tags)
-        cam, aux_cam = multi_scale_cam(self._cams, x, c.cam_scales, c.cam_flip)
+        # Forwards with gradient double as the unflipped CAM passes at their scales (detached there).
+        base, base_flip = {1.0: (self.cam_head.cam(feat), self.aux_head.cam(aux))}, {}
+        if c.w_ctc > 0:
+            s2 = c.ctc_global_scale
+            x2 = x.flip(-1) if s2 == 1.0 else F.interpolate(x.flip(-1), scale_factor=s2, mode="bilinear")
+            out2 = self.backbone(x2, layers=(self.aux_layer,))
+            base_flip[s2] = (self.cam_head.cam(out2.tokens), self.aux_head.cam(out2.layers[self.aux_layer]))
+            glob = torch.stack([self._class_token(out), self._class_token(out2)], 1)  # (B, 2 views, D)
+        cam, aux_cam = multi_scale_cam(self._cams, x, c.cam_scales, c.cam_flip, base=base, base_flip=base_flip)
         h, w = feat.shape[-2:]
         small_valid = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")[:, 0].bool()
         tok_labels = cam_to_label(
@@ -81,6 +140,10 @@ class ToCo(Method):
         loss_ptc = patch_token_contrast(feat, tok_labels, self.classes.ignore_index)
         loss = loss_cls + c.w_aux_cls * loss_aux + c.w_ptc * loss_ptc
         logs = {"cls": loss_cls.detach(), "aux_cls": loss_aux.detach(), "ptc": loss_ptc.detach()}
+        if c.w_ctc > 0:
+            loss_ctc = self._ctc(x, glob, aux_cam, tags, sample_generator(batch, it, x.device))
+            loss = loss + c.w_ctc * loss_ctc
+            logs["ctc"] = loss_ctc.detach()
         if it >= c.seg_warmup and c.w_seg > 0:
             labels = self._refine(cam, x, tags, valid)
             loss_seg = balanced_seg_loss(self.seg_head(feat), labels, self.classes.ignore_index)
@@ -102,9 +165,9 @@ class ToCo(Method):
         return multi_scale_cam(self._cams, images, self.cfg.cam_scales, self.cfg.cam_flip)[0]
 
     @torch.no_grad()
-    def pseudo_labels(self, images, tags, valid=None) -> torch.Tensor:
+    def pseudo_labels(self, images, tags, valid=None, cams=None) -> torch.Tensor:
         """PAR-refined pseudo labels (B, H, W), exactly as the seg head is trained on."""
-        return self._refine(self.predict_cams(images), images, tags, valid)
+        return self._refine(self.predict_cams(images) if cams is None else cams, images, tags, valid)
 
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""

@@ -61,9 +61,12 @@ class ViTBackbone(nn.Module):
         weights: ``timm`` | ``none`` | path to a local weights file.
         img_size: position-embedding grid size the model is built for (resampled from the weights).
         drop_path: stochastic depth rate.
+        freeze_blocks: freeze the embeddings and the first N blocks (no gradient, no optimizer state).
     """
 
-    def __init__(self, name: str, weights: str = "timm", img_size: int = 224, drop_path: float = 0.0) -> None:
+    def __init__(
+        self, name: str, weights: str = "timm", img_size: int = 224, drop_path: float = 0.0, freeze_blocks: int = 0
+    ) -> None:
         super().__init__()
         import timm
 
@@ -78,7 +81,10 @@ class ViTBackbone(nn.Module):
             except Exception as e:  # offline, unknown tag, hub error: fall back, loudly
                 log.warning(
                     "could not get pretrained weights for %s (%s: %s); RANDOM INIT. Give a local file with "
-                    "model.weights=PATH or WSSS_WEIGHTS=PATH.", name, type(e).__name__, str(e).splitlines()[0][:200]
+                    "model.weights=PATH or WSSS_WEIGHTS=PATH.",
+                    name,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200],
                 )
                 self.vit = timm.create_model(name, pretrained=False, **kw)
                 source = "none (random init: pretrained weights unavailable)"
@@ -90,13 +96,22 @@ class ViTBackbone(nn.Module):
         self.num_prefix = self.vit.num_prefix_tokens
         ps = self.vit.patch_embed.patch_size
         self.patch_size: int = ps[0] if isinstance(ps, (tuple, list)) else ps
+        if freeze_blocks > 0:
+            frozen = [self.vit.patch_embed, *self.vit.blocks[:freeze_blocks]]
+            for mod in frozen:
+                mod.requires_grad_(False)
+            for name_ in ("pos_embed", "cls_token", "reg_token"):
+                if getattr(self.vit, name_, None) is not None:
+                    getattr(self.vit, name_).requires_grad_(False)
         self.embed_hook = None  # fn(tokens (B, h, w, D)) -> tokens, before position embedding
         self.block_hooks: dict[int, list] = {}  # block index -> [fn(x (B, T, D), hw) -> x]
 
     def _index(self, i: int) -> int:
         return i % self.depth
 
-    def forward(self, x: torch.Tensor, layers: tuple[int, ...] = (), attn_layers: tuple[int, ...] = ()) -> BackboneOutput:
+    def forward(
+        self, x: torch.Tensor, layers: tuple[int, ...] = (), attn_layers: tuple[int, ...] = ()
+    ) -> BackboneOutput:
         """Encode images (B, 3, H, W); ``layers`` / ``attn_layers`` are block indices (negatives allowed)."""
         vit = self.vit
         p = self.patch_size
@@ -149,4 +164,4 @@ def attention_map(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @BACKBONES.register("vit")
 def build_vit(cfg) -> ViTBackbone:
     """Backbone from a ModelConfig-like object (backbone, weights, img_size, drop_path)."""
-    return ViTBackbone(cfg.backbone, cfg.weights, cfg.img_size, cfg.drop_path)
+    return ViTBackbone(cfg.backbone, cfg.weights, cfg.img_size, cfg.drop_path, cfg.freeze_blocks)

@@ -53,3 +53,31 @@ class LargeFOVHead(nn.Module):
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> seg logits (B, K, h, w)."""
         return self.cls(self.body(feat))
+
+
+class ProjectionHead(nn.Module):
+    """DINO-style projector: 3-layer MLP to a bottleneck, L2 normalisation, then a weight-normalised
+    linear layer whose gain is fixed at 1 (each output is a cosine to a learned direction).
+
+    Args:
+        dim: input width D.
+        out_dim: output width.
+        hidden: MLP width.
+        bottleneck: bottleneck width.
+    """
+
+    def __init__(self, dim: int, out_dim: int = 1024, hidden: int = 2048, bottleneck: int = 256) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))  # fmt: skip
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last = nn.Parameter(torch.empty(out_dim, bottleneck))
+        nn.init.trunc_normal_(self.last, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, out_dim)."""
+        z = nn.functional.normalize(self.mlp(x), dim=-1)
+        return nn.functional.linear(z, nn.functional.normalize(self.last, dim=1))

@@ -1,0 +1,43 @@
+import math
+
+import torch
+
+from wsss.losses.class_token_contrast import class_token_contrast, roi_from_cam, sample_local_crops
+
+
+def test_ctc_hand_computed_one_image():
+    # 1 teacher view, student outputs: view itself (pos), crop A (pos), crop B (neg); temp 1
+    t = torch.tensor([[[1.0, 0.0]]])
+    s = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.0]]])
+    flags = torch.tensor([[True, True, False]])
+    e = [math.exp(1.0), math.exp(0.0), math.exp(0.5)]
+    N = e[2]
+    expect = -math.log(e[0] / (e[0] + N + 1e-4)) - math.log(e[1] / (e[1] + N + 1e-4)) - math.log(1 / (1 + N + 1e-4))
+    expect /= 1 * (2 + 1e-4)
+    assert math.isclose(float(class_token_contrast(t, s, flags, temp=1.0)), expect, rel_tol=1e-6)
+
+
+def test_ctc_without_negatives_is_finite_and_large_scores_do_not_overflow():
+    t = torch.full((2, 2, 4), 30.0)
+    s = torch.full((2, 5, 4), 30.0)
+    v = class_token_contrast(t, s, torch.ones(2, 5, dtype=torch.bool), temp=0.5)
+    assert torch.isfinite(v)
+
+
+def test_crops_are_cut_at_sampled_centres_and_flagged_by_roi():
+    H = W = 16
+    img = torch.arange(H * W, dtype=torch.float32).view(1, 1, H, W).expand(1, 3, H, W).contiguous()
+    cam = torch.zeros(1, 1, H, W)
+    cam[..., 8:] = 1.0  # right half confident foreground
+    roi = roi_from_cam(cam, torch.ones(1, 1), high=0.7, low=0.25)
+    assert roi[0, 0, 0] == 0 and roi[0, 0, 15] == 2
+    crops, flags, centres = sample_local_crops(img, roi, n=6, size=4, generator=torch.Generator().manual_seed(0))
+    assert crops.shape == (6, 3, 4, 4) and flags.shape == (1, 6)
+    for k, (y, x) in enumerate(centres[0].tolist()):
+        assert x < 8  # centres only where the ROI is not confident foreground
+        window = torch.zeros(4, 4)
+        ys, xs = slice(max(y - 2, 0), min(y + 2, H)), slice(max(x - 2, 0), min(x + 2, W))
+        window[ys.start - (y - 2) : ys.stop - (y - 2), xs.start - (x - 2) : xs.stop - (x - 2)] = img[0, 0, ys, xs]
+        assert torch.equal(crops[k, 0], window)  # exact pixels, zero outside the image
+        fg = roi[0, ys, xs].sum().item() / 16  # mean ROI value of the box
+        assert bool(flags[0, k]) == (fg > 0.2)
