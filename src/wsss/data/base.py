@@ -1,0 +1,100 @@
+"""The dataset every data source produces: a list of items plus a ClassSpec.
+
+A sample is a dict: ``image`` (3, H, W) float, ``tags`` (num_fg,) multi-hot, ``valid`` (H, W) bool
+(False on crop padding), optional ``mask`` (H, W) long with 255 = ignore, ``name``, ``orig_size``.
+Masks are loaded only when asked (evaluation, fully supervised training), never for weak training.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from wsss.data.classes import ClassSpec
+from wsss.data.io import DataError, read_image, read_mask
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image: its name, files and foreground tags (names)."""
+
+    name: str
+    image: Path
+    mask: Path | None
+    tags: tuple[str, ...]
+
+
+class SegDataset(Dataset):
+    """Items + ClassSpec + transform.
+
+    Args:
+        items: the images of the split.
+        classes: class specification.
+        transform: ``TrainTransform`` or ``EvalTransform``.
+        load_masks: read masks (evaluation / full supervision); never for weak training.
+    """
+
+    def __init__(self, items: list[Item], classes: ClassSpec, transform, load_masks: bool) -> None:
+        self.items = items
+        self.classes = classes
+        self.transform = transform
+        self.load_masks = load_masks
+        for it in items:
+            for t in it.tags:
+                if t not in classes.names:
+                    raise DataError(f"{it.image}: unknown tag '{t}' (classes: {', '.join(classes.names)})")
+        if load_masks:
+            missing = [it for it in items if it.mask is None]
+            if missing:
+                raise DataError(f"{missing[0].image}: no mask for this image ({len(missing)} images lack masks)")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        idx, seed = key if isinstance(key, tuple) else (key, idx_seed(key))
+        it = self.items[idx]
+        img = read_image(it.image)
+        mask = read_mask(it.mask, img.shape[:2]) if self.load_masks else None
+        image, m, valid = self.transform(img, mask, np.random.default_rng(seed))
+        out = {
+            "image": image,
+            "tags": torch.from_numpy(self.classes.multi_hot(list(it.tags))),
+            "valid": valid,
+            "name": it.name,
+            "orig_size": torch.tensor(img.shape[:2]),
+            "index": idx,
+        }
+        if m is not None:
+            out["mask"] = m
+        return out
+
+
+def idx_seed(idx: int) -> int:
+    """Deterministic seed for a sample read outside a training stream."""
+    return 1_000_003 * idx + 17
+
+
+def data_root(explicit: str, dataset: str) -> Path:
+    """The dataset root: the config's value, else ``$WSSS_DATA/<dataset>``; a missing root is an error."""
+    if explicit:
+        root = Path(explicit).expanduser()
+    elif os.environ.get("WSSS_DATA"):
+        root = Path(os.environ["WSSS_DATA"]) / dataset
+    else:
+        raise DataError(f"no data root for '{dataset}': set data.root (or data.train_root/val_root) or WSSS_DATA")
+    if not root.is_dir():
+        raise DataError(f"{root}: data root does not exist")
+    return root
+
+
+def read_list(path: Path) -> list[str]:
+    """Names in a split list file (one per line; first column if several)."""
+    if not path.is_file():
+        raise DataError(f"{path}: split list not found")
+    return [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]

@@ -1,0 +1,78 @@
+"""``wsss data check``: every problem of a dataset root at once, one line each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wsss.data.classes import VOC, ClassSpec
+from wsss.data.io import DataError, image_problem, read_mask
+from wsss.data.voc import mask_dir, read_classes_txt
+
+
+def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
+    out = []
+    from PIL import Image
+
+    for name, img, mask, tags in items:
+        if not tags and report_untagged:
+            out.append(("error", f"{img}: image has no tags"))
+        for t in tags:
+            if t not in classes.names:
+                out.append(("error", f"{img}: unknown tag '{t}'"))
+        prob = image_problem(img)
+        if prob:
+            out.append(prob)
+        if mask is not None and mask.is_file() and not (prob and prob[0] == "error"):
+            try:
+                with Image.open(img) as im:
+                    size = (im.height, im.width)
+                read_mask(mask, size)
+            except DataError as e:
+                out.append(("error", str(e)))
+    return out
+
+
+def check_root(root: str | Path, dataset: str = "auto") -> list[tuple[str, str]]:
+    """(severity, message) for every problem found under ``root`` (VOC layout or tagged folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        return [("error", f"{root}: data root does not exist")]
+    if (root / "VOC2012").is_dir():
+        root = root / "VOC2012"
+    if dataset == "auto":
+        dataset = "folder" if (root / "tags.csv").is_file() else "voc"
+    if dataset == "folder":
+        return _check_folder(root)
+    problems: list[tuple[str, str]] = []
+    labels_path = root / "cls_labels.json"
+    if not labels_path.is_file():
+        return [("error", f"{labels_path}: image-level labels missing; run `wsss prepare voc {root}`")]
+    labels = json.loads(labels_path.read_text())
+    classes = ClassSpec(read_classes_txt(root / "classes.txt")) if (root / "classes.txt").is_file() else VOC
+    lists = sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))
+    if not lists:
+        problems.append(("error", f"{root / 'ImageSets' / 'Segmentation'}: no split lists"))
+    names = sorted({ln.split()[0] for p in lists for ln in p.read_text().splitlines() if ln.strip()})
+    md = mask_dir(root)
+    items = []
+    for n in names:
+        img = root / "JPEGImages" / f"{n}.jpg"
+        if n not in labels:
+            problems.append(("error", f"{img}: no image-level labels in cls_labels.json"))
+            continue
+        mp = md / f"{n}.png"
+        items.append((n, img, mp if mp.is_file() else None, labels[n]))
+    return problems + _check_items(items, classes)
+
+
+def _check_folder(root: Path) -> list[tuple[str, str]]:
+    from wsss.data.folder import folder_classes, read_tags_csv
+
+    if not (root / "images").is_dir():
+        return [("error", f"{root / 'images'}: images folder missing")]
+    problems: list[tuple[str, str]] = []
+    rows = read_tags_csv(root, problems)
+    classes = folder_classes(root, rows, no_background=False)
+    items = [(Path(f).stem, root / "images" / f, root / "masks" / f"{Path(f).stem}.png", tags) for f, tags in rows]
+    return problems + _check_items(items, classes, report_untagged=False)

@@ -1,0 +1,93 @@
+"""A user's own tagged folder::
+
+    ROOT/images/*.jpg|png
+    ROOT/tags.csv          header ``image,tags``; tags separated by ';'
+    ROOT/masks/<stem>.png  optional palette PNGs, for evaluation
+    ROOT/classes.txt       optional class order (else the sorted set of tags)
+    ROOT/<split>.txt       optional list of image file names for a split (else every row of tags.csv)
+
+Train and val can be two separate folders (``data.train_root`` / ``data.val_root``); both must
+share one class list (give classes.txt, or the train folder's tags define it).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from wsss.data.base import Item, SegDataset, data_root, read_list
+from wsss.data.classes import ClassSpec
+from wsss.data.io import DataError
+from wsss.data.voc import read_classes_txt
+from wsss.registry import DATASETS
+
+
+def read_tags_csv(root: Path, problems: list[tuple[str, str]] | None = None) -> list[tuple[str, tuple[str, ...]]]:
+    """Rows (image file name, tags) of ROOT/tags.csv.
+
+    A malformed row or an image without tags raises DataError naming the file and line; with a
+    ``problems`` list, each is appended there as ("error", message) instead and reading goes on.
+    """
+    path = root / "tags.csv"
+
+    def bad(msg: str) -> None:
+        if problems is None:
+            raise DataError(msg)
+        problems.append(("error", msg))
+
+    if not path.is_file():
+        bad(f"{path}: tags file missing (expected columns image,tags)")
+        return []
+    rows = []
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or [h.strip().lower() for h in header[:2]] != ["image", "tags"]:
+            bad(f"{path}: first line must be the header 'image,tags'")
+            return []
+        for lineno, row in enumerate(reader, start=2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                bad(f"{path}:{lineno}: expected 'image,tags', got {','.join(row)!r}")
+                continue
+            tags = tuple(t.strip() for t in row[1].split(";") if t.strip())
+            if not tags:
+                bad(f"{root / 'images' / row[0].strip()}: image has no tags ({path.name}:{lineno})")
+            rows.append((row[0].strip(), tags))
+    return rows
+
+
+def folder_classes(root: Path, rows, no_background: bool) -> ClassSpec:
+    """ClassSpec from classes.txt if present, else from the sorted tags."""
+    ct = root / "classes.txt"
+    names = read_classes_txt(ct) if ct.is_file() else tuple(sorted({t for _, ts in rows for t in ts}))
+    return ClassSpec(names, background=not no_background)
+
+
+def read_folder(root: Path, split: str | None, classes: ClassSpec | None, no_background: bool):
+    """(items, classes) of a tagged folder; ``classes`` given means use that class list."""
+    rows = read_tags_csv(root)
+    classes = classes or folder_classes(root, rows, no_background)
+    split_file = root / f"{split}.txt" if split else None
+    if split_file is not None and split_file.is_file():
+        keep = set(read_list(split_file))
+        rows = [r for r in rows if r[0] in keep or Path(r[0]).stem in keep]
+    items = []
+    for fname, tags in rows:
+        img = root / "images" / fname
+        mp = root / "masks" / f"{Path(fname).stem}.png"
+        items.append(Item(Path(fname).stem, img, mp if mp.is_file() else None, tags))
+    if not items:
+        raise DataError(f"{root}: no images listed for split '{split}'")
+    return items, classes
+
+
+@DATASETS.register("folder")
+def build_folder(cfg, split: str, transform, load_masks: bool) -> SegDataset:
+    """Folder dataset for ``split``; the class list always comes from the train folder."""
+    train_root = data_root(cfg.train_root or cfg.root, "folder")
+    _, classes = read_folder(train_root, None, None, cfg.no_background)
+    root = train_root if split == cfg.train_split else data_root(cfg.val_root or cfg.root, "folder")
+    items, classes = read_folder(root, split, classes, cfg.no_background)
+    return SegDataset(items, classes, transform, load_masks)

@@ -1,0 +1,109 @@
+"""Image and label-mask IO with one-line errors that name the file.
+
+Masks are palette (or single-channel) PNGs of label indices, read with Pillow without any colour
+conversion: ``convert('L')`` or OpenCV would map indices to luminance or colours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+def image_problem(path: str | Path) -> tuple[str, str] | None:
+    """Check one image without decoding it twice; returns (severity, message) or None when fine.
+
+    Severity "error" means the file cannot be used; "warning" means it is converted on read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "error", f"{path}: image file is missing"
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        return "error", f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})"
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return "error", f"{path}: {mode} (16/32-bit) image; convert it to 8-bit RGB"
+    if mode in ("RGBA", "LA", "PA"):
+        return "warning", f"{path}: image has an alpha channel ({mode}); alpha is dropped"
+    if mode in ("L", "1", "P"):
+        return "warning", f"{path}: {mode} (grayscale/palette) image; converted to RGB"
+    if mode not in ("RGB", "CMYK", "YCbCr"):
+        return "error", f"{path}: unsupported image mode {mode}"
+    return None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an RGB image as (H, W, 3) uint8; grayscale and RGBA are converted with a warning once."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise DataError(f"{path}: {mode} (16/32-bit) image; convert it to 8-bit RGB")
+            if mode != "RGB" and str(path) not in _warned:
+                _warned.add(str(path))
+                log.warning("%s: %s image converted to RGB", path, mode)
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+
+
+def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a label mask as (H, W) uint8 indices, never colour-converted.
+
+    Args:
+        path: palette or single-channel PNG.
+        size: expected (H, W) (the image's); a mismatch raises DataError.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise DataError(f"{path}: mask is {im.mode}; expected a palette or single-channel PNG of label indices")
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
+    if size is not None and tuple(arr.shape) != tuple(size):
+        raise DataError(f"{path}: mask is {arr.shape[0]}x{arr.shape[1]} but its image is {size[0]}x{size[1]}")
+    return arr
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_mask(path: str | Path, mask: np.ndarray, palette: tuple[int, ...] | list[int]) -> None:
+    """Write (H, W) label indices as a palette PNG, atomically."""
+    im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    im.putpalette(list(palette)[: 256 * 3])
+    atomic_write(path, lambda p: im.save(p, format="PNG"))

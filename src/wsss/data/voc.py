@@ -1,0 +1,89 @@
+"""VOC-layout datasets: PASCAL VOC 2012 (+SBD train_aug), the built-in demo data and COCO 2014.
+
+Layout read (written by ``wsss prepare voc|coco`` and ``wsss data demo``)::
+
+    ROOT/JPEGImages/<name>.jpg            (COCO: ROOT/train2014|val2014/<name>.jpg)
+    ROOT/SegmentationClassAug/<name>.png  (or SegmentationClass/)
+    ROOT/ImageSets/Segmentation/<split>.txt
+    ROOT/cls_labels.json                  {name: [tag, ...]} image-level labels
+    ROOT/classes.txt                      optional: foreground class names, one a line
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wsss.data.base import Item, SegDataset, data_root, read_list
+from wsss.data.classes import COCO, VOC, ClassSpec
+from wsss.data.io import DataError
+from wsss.registry import DATASETS
+
+
+def read_classes_txt(path: Path) -> tuple[str, ...]:
+    """Class names from a classes.txt (one a line; a leading 'background' line is skipped)."""
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if names and names[0].lower() in ("background", "__background__", "_background_"):
+        names = names[1:]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: duplicate class names")
+    return tuple(names)
+
+
+def mask_dir(root: Path) -> Path:
+    """SegmentationClassAug when present (VOC + SBD), else SegmentationClass."""
+    aug = root / "SegmentationClassAug"
+    return aug if aug.is_dir() else root / "SegmentationClass"
+
+
+def read_voc_layout(root: Path, split: str, classes: ClassSpec, image_dir=None) -> list[Item]:
+    """Items of ``split`` under a VOC-layout root; tags from cls_labels.json."""
+    names = read_list(root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    labels_path = root / "cls_labels.json"
+    if not labels_path.is_file():
+        raise DataError(f"{labels_path}: image-level labels missing; run `wsss prepare` on {root}")
+    try:
+        labels = json.loads(labels_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{labels_path}: not valid JSON ({e})") from None
+    mdir = mask_dir(root)
+    items = []
+    for n in names:
+        img = (image_dir(n) if image_dir else root / "JPEGImages") / f"{n}.jpg"
+        if n not in labels:
+            raise DataError(f"{img}: no image-level labels in {labels_path.name}")
+        mp = mdir / f"{n}.png"
+        items.append(Item(n, img, mp if mp.is_file() else None, tuple(labels[n])))
+    return items
+
+
+def _classes_for(root: Path, default: ClassSpec) -> ClassSpec:
+    ct = root / "classes.txt"
+    return ClassSpec(read_classes_txt(ct)) if ct.is_file() else default
+
+
+def _build(name: str, default: ClassSpec, image_dir_fn=None):
+    def build(cfg, split: str, transform, load_masks: bool) -> SegDataset:
+        explicit = (cfg.train_root if split == cfg.train_split else cfg.val_root) or cfg.root
+        root = data_root(explicit, name)
+        if (root / "VOC2012").is_dir():
+            root = root / "VOC2012"
+        classes = _classes_for(root, default)
+        items = read_voc_layout(root, split, classes, image_dir_fn(root) if image_dir_fn else None)
+        return SegDataset(items, classes, transform, load_masks)
+
+    return build
+
+
+def _coco_image_dir(root: Path):
+    def fn(name: str) -> Path:
+        # COCO_train2014_000000000009 lives in train2014/
+        part = name.split("_")[1] if name.startswith("COCO_") else "JPEGImages"
+        return root / part
+
+    return fn
+
+
+DATASETS.register("voc")(_build("voc", VOC))
+DATASETS.register("demo")(_build("demo", VOC))
+DATASETS.register("coco")(_build("coco", COCO, _coco_image_dir))
