@@ -238,8 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, extra)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"wsss: error: {e}", file=sys.stderr)
+        print(f"wsss: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; errors re-raised from DataLoader workers carry the worker's
+    traceback in their message, whose last line is the original ``Type: message``."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    for prefix in ("wsss.data.io.DataError: ", "wsss.config.ConfigError: ", "FileNotFoundError: "):
+        last = last.removeprefix(prefix)
+    return last
 
 
 if __name__ == "__main__":

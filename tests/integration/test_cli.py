@@ -94,3 +94,16 @@ def test_tensorboard_scalars_and_prediction_grid(tmp_path, tiny_args):
     assert {"train/loss", "train/cls", "seg_miou", "cam_miou"} <= set(acc.Tags()["scalars"])
     img = acc.Images("val/predictions")[0]
     assert img.width == 5 * 64  # image | CAM | pseudo label | seg | ground truth, 64 px demo images
+
+
+def test_corrupt_image_in_a_worker_is_a_one_line_error(tmp_path, capsys):
+    from wsss.data.synthetic import DemoConfig, generate
+
+    root = generate(tmp_path / "d", DemoConfig(n_train=2, n_val=1, size=48))
+    bad = root / "JPEGImages" / "train_00001.jpg"
+    bad.write_bytes(b"not a jpeg")
+    rc = main(["train", "--config", "configs/demo/toco.yaml", "--data.root", str(root), "--model.backbone",
+               "test_vit", "--model.weights", "none", "--data.crop_size", "48", "--data.num_workers", "1",
+               "--train.batch_size", "2", "--train.max_iters", "1", "--run-dir", str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("wsss: error: ") and f"{bad}: corrupt or unreadable image" in err[-1]

@@ -14,7 +14,7 @@ def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> lis
     out = []
     from PIL import Image
 
-    for name, img, mask, tags in items:
+    for _name, img, mask, tags in items:
         if not tags and report_untagged:
             out.append(("error", f"{img}: image has no tags"))
         for t in tags:

@@ -47,7 +47,10 @@ def prepare_voc(root: str | Path) -> dict:
         if len(train_aug) != 10582:
             log.warning("train_aug has %d images (10,582 expected with the full SBD augmentation)", len(train_aug))
     else:
-        log.warning("%s missing: only the 1,464 VOC train masks; train_aug needs SBD's SegmentationClassAug", root / "SegmentationClassAug")
+        log.warning(
+            "%s missing: only the 1,464 VOC train masks; train_aug needs SBD's SegmentationClassAug",
+            root / "SegmentationClassAug",
+        )
     names = sorted({ln.strip() for p in seg_sets.glob("*.txt") for ln in p.read_text().splitlines() if ln.strip()})
     labels = {}
     for n in _progress(names, len(names), "image-level labels"):

@@ -100,7 +100,9 @@ def _draw_object(cls_name: str, cx: float, cy: float, s: float, body: ImageDraw.
         body.polygon([(cx - s / 2, cy - s * 0.12), (cx + s / 2, cy - s * 0.12), (cx + s * 0.35, cy + s * 0.18),
                       (cx - s * 0.35, cy + s * 0.18)], fill=255)  # fmt: skip
         body.rectangle([cx - s * 0.02, cy - s * 0.55, cx + s * 0.02, cy - s * 0.12], fill=255)
-        part.polygon([(cx + s * 0.02, cy - s * 0.55), (cx + s * 0.2, cy - s * 0.47), (cx + s * 0.02, cy - s * 0.39)], fill=255)
+        part.polygon(
+            [(cx + s * 0.02, cy - s * 0.55), (cx + s * 0.2, cy - s * 0.47), (cx + s * 0.02, cy - s * 0.39)], fill=255
+        )
     elif cls_name == "car":
         body.rounded_rectangle([cx - s / 2, cy - s * 0.12, cx + s / 2, cy + s * 0.15], radius=s * 0.06, fill=255)
         body.polygon([(cx - s * 0.28, cy - s * 0.12), (cx - s * 0.16, cy - s * 0.34), (cx + s * 0.18, cy - s * 0.34),
