@@ -54,7 +54,7 @@ def test_toco_seg_loss_only_after_warmup():
     m = build_method(cfg, SPEC)
     assert "seg" not in m.train_step(_batch(), 4).logs
     out = m.train_step(_batch(), 5)
-    assert "seg" in out.logs
+    assert "seg" in out.logs and "reg" in out.logs and out.logs["reg"] <= 0
     out.loss.backward()
     assert m.seg_head.cls.weight.grad.abs().sum() > 0
 

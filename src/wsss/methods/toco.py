@@ -19,7 +19,8 @@ Same losses and settings as the official code, computed with less work:
 
 One difference in data: the official second global view is an independent random resized crop with
 colour jitter, blur and solarisation; ours is the flipped training crop at the same size.
-Not implemented yet: the dense-CRF energy regulariser (ToCo's ``w_reg``).
+The dense-CRF energy regulariser (``w_reg``) is computed exactly in torch on a coarser grid instead of
+the official C++ permutohedral lattice at half size (see ``wsss.losses.energy``).
 
 Class-token contrast (CTC): two global views (the training crop, and its flip at ``ctc_global_scale``)
 and ``ctc_local_crops`` local crops from non-confident regions go through the backbone; their class
@@ -40,6 +41,7 @@ from wsss.cam.labels import cam_to_label, refine_pseudo_labels
 from wsss.data.transforms import denormalize
 from wsss.losses.class_token_contrast import class_token_contrast, roi_from_cam, sample_local_crops
 from wsss.losses.classification import multilabel_loss
+from wsss.losses.energy import dense_energy_loss
 from wsss.losses.segmentation import balanced_seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
@@ -67,6 +69,8 @@ class ToCo(Method):
         w_ptc: float = 0.2
         w_seg: float = 0.1
         seg_warmup: int = 2000  # iterations before the seg loss is switched on
+        w_reg: float = 0.05  # dense-CRF energy regulariser on the seg head (after seg_warmup); 0: off
+        reg_max_side: int = 48  # grid side the energy is computed on (see wsss.losses.energy)
         w_ctc: float = 0.5  # 0 switches the class-token contrast off
         ctc_temp: float = 0.5
         ctc_momentum: float = 0.9  # EMA of the teacher projector
@@ -146,9 +150,16 @@ class ToCo(Method):
             logs["ctc"] = loss_ctc.detach()
         if it >= c.seg_warmup and c.w_seg > 0:
             labels = self._refine(cam, x, tags, valid)
-            loss_seg = balanced_seg_loss(self.seg_head(feat), labels, self.classes.ignore_index)
+            seg = upsample(self.seg_head(feat), labels.shape[-2:])
+            loss_seg = balanced_seg_loss(seg, labels, self.classes.ignore_index)
             loss = loss + c.w_seg * loss_seg
             logs["seg"] = loss_seg.detach()
+            if c.w_reg > 0:
+                rgb = denormalize(x) * 255
+                loss_reg = dense_energy_loss(seg.softmax(1), rgb, labels, valid, max_side=c.reg_max_side,
+                                             ignore_index=self.classes.ignore_index)  # fmt: skip
+                loss = loss + c.w_reg * loss_reg
+                logs["reg"] = loss_reg.detach()
         return StepOutput(loss, logs)
 
     @torch.no_grad()
