@@ -20,6 +20,7 @@ def _setup_logging() -> None:
 
 
 def cmd_train(args, extra: list[str]) -> int:
+    """`wsss train`: train a recipe, or resume a run directory."""
     from wsss.config import dump_config, load_config
 
     if args.resume:
@@ -74,6 +75,7 @@ def _load_run(target: str, extra: list[str]):
 
 
 def cmd_evaluate(args, extra: list[str]) -> int:
+    """`wsss evaluate`: score a run or checkpoint on a split; writes JSON and prints a table."""
     from wsss.build import build_dataset
     from wsss.data.loader import eval_loader
     from wsss.engine import dist
@@ -115,6 +117,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 
 def cmd_data(args, extra: list[str]) -> int:
+    """`wsss data demo|check`: generate the demo data, or report every problem of a dataset root."""
     if args.data_cmd == "demo":
         from wsss.data.synthetic import DemoConfig, generate
 
@@ -134,6 +137,7 @@ def cmd_data(args, extra: list[str]) -> int:
 
 
 def cmd_prepare(args, extra: list[str]) -> int:
+    """`wsss prepare voc|coco`: one-off conversion of a dataset root."""
     from wsss.data import prepare
 
     counts = prepare.prepare_voc(args.root) if args.dataset == "voc" else prepare.prepare_coco(args.root)
@@ -142,6 +146,7 @@ def cmd_prepare(args, extra: list[str]) -> int:
 
 
 def cmd_list(args, extra: list[str]) -> int:
+    """`wsss list`: registered methods, datasets or backbones."""
     from wsss.registry import BACKBONES, DATASETS, METHODS
 
     if args.what == "backbones":
@@ -160,6 +165,7 @@ def cmd_list(args, extra: list[str]) -> int:
 
 
 def cmd_bench(args, extra: list[str]) -> int:
+    """`wsss bench step`: step time against the bare backbone forward+backward."""
     from wsss.bench.step import bench_step
     from wsss.config import load_config
 

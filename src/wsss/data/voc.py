@@ -64,6 +64,7 @@ def _classes_for(root: Path, default: ClassSpec) -> ClassSpec:
 
 def _build(name: str, default: ClassSpec, image_dir_fn=None):
     def build(cfg, split: str, transform, load_masks: bool) -> SegDataset:
+        """The ``split`` of this VOC-layout dataset (root from data.train_root/val_root or data.root)."""
         explicit = (cfg.train_root if split == cfg.train_split else cfg.val_root) or cfg.root
         root = data_root(explicit, name)
         if (root / "VOC2012").is_dir():
