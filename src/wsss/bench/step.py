@@ -24,22 +24,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, repeats: int, warmup: int, device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
-    return out
+def _time(fn, device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    _sync(device)
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
-    """{"step_s", "bare_fwd_bwd_s", "ratio", ...} for ``cfg``'s method: medians, their ratio, the median of
-    the per-repeat ratios and the ratio of the minima (this shared 2-core machine drifts between runs)."""
+    """{"step_s", "bare_fwd_bwd_s", "ratio", ...} for ``cfg``'s method: wall-time medians, their ratio,
+    the median of the per-repeat ratios, the ratio of the minima and, on CPU, the same from process
+    CPU time (a shared machine's wall time drifts with other tenants' load)."""
     torch.manual_seed(0)
     try:
         classes = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=False).classes
@@ -73,14 +70,19 @@ def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
         bare()
     steps, bares = [], []
     for _ in range(repeats):  # interleaved, so both see the same machine conditions
-        steps += _time(step, 1, 0, device)
-        bares += _time(bare, 1, 0, device)
-    s, b = statistics.median(steps), statistics.median(bares)
-    pair = statistics.median(a / c for a, c in zip(steps, bares))
-    return {
+        steps.append(_time(step, device))
+        bares.append(_time(bare, device))
+    med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    s, b = med(steps, 0), med(bares, 0)
+    out = {
         "method": cfg.method_name, "backbone": cfg.model.backbone, "batch": B, "crop": S, "device": str(device),
         "threads": torch.get_num_threads(), "step_s": round(s, 4), "bare_fwd_bwd_s": round(b, 4),
-        "ratio": round(s / b, 2), "ratio_paired_median": round(pair, 2),
-        "ratio_of_minima": round(min(steps) / min(bares), 2),
+        "ratio": round(s / b, 2),
+        "ratio_paired_median": round(statistics.median(a[0] / c[0] for a, c in zip(steps, bares)), 2),
+        "ratio_of_minima": round(min(x[0] for x in steps) / min(x[0] for x in bares), 2),
         "repeats": repeats, "warmup": warmup,
     }  # fmt: skip
+    if device.type == "cpu":  # process CPU time does not count time the host gave to other tenants
+        out.update(step_cpu_s=round(med(steps, 1), 4), bare_cpu_s=round(med(bares, 1), 4),
+                   ratio_cpu=round(med(steps, 1) / med(bares, 1), 2))  # fmt: skip
+    return out
