@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -121,8 +122,7 @@ def cmd_data(args, extra: list[str]) -> int:
     if args.data_cmd == "demo":
         from wsss.data.synthetic import DemoConfig, generate
 
-        cfg = DemoConfig(n_train=args.n_train, n_val=args.n_val, size=args.size, max_objects=args.max_objects,
-                         clutter=args.clutter, water_rate=args.water_rate, seed=args.seed)  # fmt: skip
+        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
         root = generate(args.out, cfg)
         print(f"demo data ({cfg.n_train} train, {cfg.n_val} val, {cfg.size}px) written to {root}")
         return 0
@@ -203,13 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dm = dsub.add_parser("demo", help="generate the built-in demo dataset (VOC layout)")
     dm.add_argument("--out", required=True)
-    dm.add_argument("--n-train", type=int, default=400)
-    dm.add_argument("--n-val", type=int, default=100)
-    dm.add_argument("--size", type=int, default=112)
-    dm.add_argument("--max-objects", type=int, default=3)
-    dm.add_argument("--clutter", type=int, default=6)
-    dm.add_argument("--water-rate", type=float, default=0.1)
-    dm.add_argument("--seed", type=int, default=0)
+    from wsss.data.synthetic import DemoConfig  # numpy + Pillow only: keeps --help fast
+
+    for f in dataclasses.fields(DemoConfig):  # every generator knob, defaults from one place
+        dm.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     dc = dsub.add_parser("check", help="report every problem of a dataset root")
     dc.add_argument("root")
     dc.add_argument("--dataset", default="auto", choices=["auto", "voc", "folder"])

@@ -69,7 +69,7 @@ def _load_builtins() -> None:
     import importlib
     from importlib.metadata import entry_points
 
-    for mod in ("wsss.methods", "wsss.data", "wsss.models.backbone"):
+    for mod in ("wsss.methods", "wsss.data.voc", "wsss.data.folder", "wsss.models.backbone"):
         importlib.import_module(mod)
     for ep in entry_points(group="wsss.plugins"):
         ep.load()

@@ -1,6 +1,9 @@
-"""Datasets, class specifications, transforms and the demo-data generator."""
+"""Datasets, class specifications, transforms and the demo-data generator.
 
-from wsss.data import folder, voc  # noqa: F401  (register the built-in datasets)
+The dataset modules (voc, folder) register themselves when the registry first loads them, so
+importing this package stays light (no torch).
+"""
+
 from wsss.data.classes import COCO, VOC, ClassSpec
 from wsss.data.io import DataError
 
