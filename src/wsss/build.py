@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from wsss.config import RunConfig
+from wsss.config import ConfigError, RunConfig
 from wsss.data.base import SegDataset
 from wsss.data.classes import ClassSpec
 from wsss.data.transforms import EvalTransform, TrainTransform
@@ -18,7 +18,7 @@ def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool) -> 
     try:
         builder = DATASETS.get(d.dataset)
     except KeyError as e:
-        raise ValueError(f"config key 'data.dataset': {e.args[0]}") from None
+        raise ConfigError(f"config key 'data.dataset': {e.args[0]}") from None
     return builder(d, split, tf, load_masks)
 
 

@@ -46,7 +46,9 @@ def cmd_train(args, extra: list[str]) -> int:
     log.info("run directory: %s", run_dir)
     res = trainer.fit(stop_at=args.stop_at)
     if res is not None and dist.is_main():
-        (run_dir / "final_eval.json").write_text(json.dumps(res, indent=2))
+        from wsss.data.io import atomic_write
+
+        atomic_write(run_dir / "final_eval.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
     dist.cleanup()
     return 0
 
@@ -237,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from wsss.config import ConfigError
     from wsss.data.io import DataError
+    from wsss.engine.checkpoint import CheckpointError
 
     try:
         return args.fn(args, extra)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"wsss: error: {one_line(e)}", file=sys.stderr)
         return 2
 
@@ -249,7 +252,8 @@ def one_line(e: BaseException) -> str:
     """The message of ``e`` on one line; errors re-raised from DataLoader workers carry the worker's
     traceback in their message, whose last line is the original ``Type: message``."""
     last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    for prefix in ("wsss.data.io.DataError: ", "wsss.config.ConfigError: ", "FileNotFoundError: "):
+    for prefix in ("wsss.data.io.DataError: ", "wsss.config.ConfigError: ", "FileNotFoundError: ",
+                   "wsss.engine.checkpoint.CheckpointError: "):  # fmt: skip
         last = last.removeprefix(prefix)
     return last
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from wsss.config import load_config
-from wsss.data.io import read_mask
+from wsss.data.io import atomic_write, read_mask
 from wsss.engine.trainer import Trainer
 
 log = logging.getLogger("wsss")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         trainer = Trainer(cfg, run_dir)
         res = trainer.fit()
-        (run_dir / "final_eval.json").write_text(json.dumps(res, indent=2))
+        atomic_write(run_dir / "final_eval.json", lambda p, r=res: Path(p).write_text(json.dumps(r, indent=2)))
         rows[name] = {k: v["miou"] for k, v in res.items()} | {"minutes": (time.time() - t) / 60}
         bg = all_background_miou(trainer.val_ds)
         weights = trainer.method.backbone.weights_source
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"total {(time.time() - t0) / 60:.1f} min; mIoU in %, single scale, no CRF")
     print("\n".join(lines))
     summary = {"rows": rows, "all_background_miou": bg, "weights": weights, "backbone": cfg.model.backbone}
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(Path(args.out) / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     return 0
 
 

@@ -56,6 +56,13 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and "missing: data root does not exist" in err
     rc = main(["train", "--config", "configs/demo/toco.yaml", "--train.max_iterz", "3"])
     assert rc == 2 and "train.max_iterz" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("method:\n  name: toco\n")
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "last.pt: not a readable wsss checkpoint" in err
 
 
 def test_data_demo_and_check(tmp_path, capsys):

@@ -11,6 +11,10 @@ import torch
 from wsss.data.io import atomic_write
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing or cannot be read as a wsss checkpoint."""
+
+
 def rng_state() -> dict:
     """Python, NumPy and torch (CPU + CUDA) RNG states as tensors/plain types."""
     py = random.getstate()
@@ -45,11 +49,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: not a readable wsss checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from None
 

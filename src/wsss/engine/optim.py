@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from wsss.config import ConfigError
+
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
     return (
@@ -49,7 +51,7 @@ def lr_factor(it: int, max_iters: int, ocfg) -> float:
         return 0.5 * (1 + math.cos(math.pi * t))
     if ocfg.schedule == "poly":
         return (1 - t) ** ocfg.power
-    raise ValueError(f"unknown optim.schedule '{ocfg.schedule}' (poly | cosine)")
+    raise ConfigError(f"unknown optim.schedule '{ocfg.schedule}' (poly | cosine)")
 
 
 def set_lr(opt: torch.optim.Optimizer, it: int, max_iters: int, ocfg) -> float:

@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from wsss.build import build_dataset, build_method
-from wsss.config import RunConfig, dump_config
+from wsss.config import ConfigError, RunConfig, dump_config
 from wsss.data.loader import eval_loader, train_loader
 from wsss.engine import dist
 from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -59,7 +59,7 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if mode == "fp16":
         return torch.float16
-    raise ValueError(f"config key 'train.amp': unknown value '{mode}' (auto | bf16 | fp16 | off)")
+    raise ConfigError(f"config key 'train.amp': unknown value '{mode}' (auto | bf16 | fp16 | off)")
 
 
 def env_info(weights_source: str) -> dict:
@@ -100,7 +100,7 @@ class Trainer:
         world = dist.world_size()
         micro = t.micro_batch or t.batch_size // world
         if micro < 1 or t.batch_size % (micro * world):
-            raise ValueError(
+            raise ConfigError(
                 f"config key 'train.batch_size': {t.batch_size} is not a multiple of "
                 f"micro_batch {micro} x {world} processes"
             )
@@ -131,7 +131,7 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError(
+                raise ConfigError(
                     "config key 'train.tensorboard': TensorBoard is not installed (pip install 'wsss[tb]')"
                 ) from None
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
