@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 2000
-    eval_every: int = 2000  # 0: only at the end
+    eval_every: int = 2000  # 0: only at the end; -1: never (no masks needed for the val split)
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     device: str = "auto"
     out_dir: str = "runs"

@@ -114,3 +114,20 @@ def test_corrupt_image_in_a_worker_is_a_one_line_error(tmp_path, capsys):
                "--train.batch_size", "2", "--train.max_iters", "1", "--run-dir", str(tmp_path / "r")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("wsss: error: ") and f"{bad}: corrupt or unreadable image" in err[-1]
+
+
+def test_training_without_any_masks_when_evaluation_is_off(tmp_path):
+    """A user with tags only (no masks anywhere) can train with train.eval_every -1."""
+    from PIL import Image
+
+    root = tmp_path / "f"
+    (root / "images").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (48, 48), (40 * i, 90, 200)).save(root / "images" / f"{i}.jpg")
+    (root / "tags.csv").write_text("image,tags\n0.jpg,dog\n1.jpg,cat;dog\n")
+    run = tmp_path / "run"
+    rc = main(["train", "--config", "configs/demo/toco.yaml", "--data.dataset", "folder", "--data.root", str(root),
+               "--model.backbone", "test_vit", "--model.weights", "none", "--data.crop_size", "48",
+               "--data.num_workers", "0", "--train.batch_size", "2", "--train.max_iters", "2",
+               "--train.eval_every", "-1", "--run-dir", str(run)])  # fmt: skip
+    assert rc == 0 and (run / "checkpoints" / "last.pt").is_file() and not (run / "final_eval.json").exists()

@@ -29,6 +29,7 @@ from wsss.engine import dist
 from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from wsss.engine.optim import build_optimizer, set_lr
 from wsss.evaluation.evaluators import format_table, run_evaluation
+from wsss.registry import METHODS
 
 log = logging.getLogger("wsss")
 
@@ -106,11 +107,10 @@ class Trainer:
             )
         self.micro, self.accum = micro, t.batch_size // (micro * world)
         seed_everything(t.seed)
-        self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=False)
+        needs_masks = METHODS.get(cfg.method_name).needs_masks  # weak methods never read training masks
+        self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=needs_masks)
         self.classes = self.train_ds.classes
         self.method = build_method(cfg, self.classes).to(self.device)
-        if self.method.needs_masks:
-            self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=True)
         self.val_ds = None
         if cfg.train.eval_every >= 0:
             self.val_ds = build_dataset(cfg, cfg.eval.split or cfg.data.val_split, train=False, load_masks=True)
