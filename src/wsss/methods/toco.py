@@ -119,7 +119,8 @@ class ToCo(Method):
         return self.cam_head.cam(out.tokens), self.aux_head.cam(out.layers[self.aux_layer])
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
-        """Classification (final + aux), PTC, and after warm-up seg CE on refined pseudo labels."""
+        """Classification (final + aux), PTC, CTC, and after ``seg_warmup`` seg CE on the refined pseudo
+        labels plus the energy regulariser; each loss is logged by name."""
         c = self.cfg
         x, tags, valid = batch["image"], batch["tags"], batch["valid"]
         out = self.backbone(x, layers=(self.aux_layer,))
