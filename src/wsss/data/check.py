@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from wsss.data.classes import VOC, ClassSpec
+from wsss.data.classes import ClassSpec
 from wsss.data.io import DataError, image_problem, read_mask
-from wsss.data.voc import mask_dir, read_classes_txt
+from wsss.data.voc import classes_for_root, mask_dir, read_cls_labels, voc_root
 
 
 def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
@@ -38,18 +37,17 @@ def check_root(root: str | Path, dataset: str = "auto") -> list[tuple[str, str]]
     root = Path(root)
     if not root.is_dir():
         return [("error", f"{root}: data root does not exist")]
-    if (root / "VOC2012").is_dir():
-        root = root / "VOC2012"
+    root = voc_root(root)
     if dataset == "auto":
         dataset = "folder" if (root / "tags.csv").is_file() else "voc"
     if dataset == "folder":
         return _check_folder(root)
     problems: list[tuple[str, str]] = []
-    labels_path = root / "cls_labels.json"
-    if not labels_path.is_file():
-        return [("error", f"{labels_path}: image-level labels missing; run `wsss prepare voc {root}`")]
-    labels = json.loads(labels_path.read_text())
-    classes = ClassSpec(read_classes_txt(root / "classes.txt")) if (root / "classes.txt").is_file() else VOC
+    try:
+        labels = read_cls_labels(root)
+    except DataError as e:
+        return [("error", str(e))]
+    classes = classes_for_root(root)
     lists = sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))
     if not lists:
         problems.append(("error", f"{root / 'ImageSets' / 'Segmentation'}: no split lists"))

@@ -11,7 +11,7 @@ import numpy as np
 
 from wsss.data.classes import COCO, VOC, voc_palette
 from wsss.data.io import DataError, atomic_write, read_mask, write_mask
-from wsss.data.voc import mask_dir
+from wsss.data.voc import mask_dir, voc_root
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,7 @@ def _progress(it, total: int, desc: str):
 def prepare_voc(root: str | Path) -> dict:
     """Write ImageSets/Segmentation/train_aug.txt (masks in SegmentationClassAug minus val) and
     cls_labels.json (tags from the masks). Returns counts per split."""
-    root = Path(root)
-    if (root / "VOC2012").is_dir():
-        root = root / "VOC2012"
+    root = voc_root(Path(root))
     seg_sets = root / "ImageSets" / "Segmentation"
     if not (seg_sets / "val.txt").is_file():
         raise DataError(f"{seg_sets / 'val.txt'}: not found; is {root} a VOCdevkit/VOC2012 folder?")

@@ -39,37 +39,46 @@ def mask_dir(root: Path) -> Path:
 def read_voc_layout(root: Path, split: str, classes: ClassSpec, image_dir=None) -> list[Item]:
     """Items of ``split`` under a VOC-layout root; tags from cls_labels.json."""
     names = read_list(root / "ImageSets" / "Segmentation" / f"{split}.txt")
-    labels_path = root / "cls_labels.json"
-    if not labels_path.is_file():
-        raise DataError(f"{labels_path}: image-level labels missing; run `wsss prepare` on {root}")
-    try:
-        labels = json.loads(labels_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{labels_path}: not valid JSON ({e})") from None
+    labels = read_cls_labels(root)
     mdir = mask_dir(root)
     items = []
     for n in names:
         img = (image_dir(n) if image_dir else root / "JPEGImages") / f"{n}.jpg"
         if n not in labels:
-            raise DataError(f"{img}: no image-level labels in {labels_path.name}")
+            raise DataError(f"{img}: no image-level labels in cls_labels.json")
         mp = mdir / f"{n}.png"
         items.append(Item(n, img, mp if mp.is_file() else None, tuple(labels[n])))
     return items
 
 
-def _classes_for(root: Path, default: ClassSpec) -> ClassSpec:
+def read_cls_labels(root: Path) -> dict[str, list[str]]:
+    """{name: [tag, ...]} from ROOT/cls_labels.json; missing or invalid JSON raises DataError."""
+    path = root / "cls_labels.json"
+    if not path.is_file():
+        raise DataError(f"{path}: image-level labels missing; run `wsss prepare` on {root}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def classes_for_root(root: Path, default: ClassSpec = VOC) -> ClassSpec:
+    """ClassSpec from ROOT/classes.txt when present, else ``default``."""
     ct = root / "classes.txt"
     return ClassSpec(read_classes_txt(ct)) if ct.is_file() else default
+
+
+def voc_root(root: Path) -> Path:
+    """ROOT/VOC2012 when given a VOCdevkit folder, else ROOT."""
+    return root / "VOC2012" if (root / "VOC2012").is_dir() else root
 
 
 def _build(name: str, default: ClassSpec, image_dir_fn=None):
     def build(cfg, split: str, transform, load_masks: bool) -> SegDataset:
         """The ``split`` of this VOC-layout dataset (root from data.train_root/val_root or data.root)."""
         explicit = (cfg.train_root if split == cfg.train_split else cfg.val_root) or cfg.root
-        root = data_root(explicit, name)
-        if (root / "VOC2012").is_dir():
-            root = root / "VOC2012"
-        classes = _classes_for(root, default)
+        root = voc_root(data_root(explicit, name))
+        classes = classes_for_root(root, default)
         items = read_voc_layout(root, split, classes, image_dir_fn(root) if image_dir_fn else None)
         return SegDataset(items, classes, transform, load_masks)
 
