@@ -20,19 +20,22 @@ import torch.nn.functional as F
 _DIRS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
+def _offsets(dilations: tuple[int, ...]) -> list[tuple[int, int, float]]:
+    """(dy, dx, distance) of each of the 8 * len(dilations) neighbours, in a fixed order."""
+    return [(dy * d, dx * d, d * (math.sqrt(2) if dy and dx else 1.0)) for d in dilations for dy, dx in _DIRS]
+
+
 def _neighbors(x: torch.Tensor, dilations: tuple[int, ...]) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, N, H, W): the value at each of the N = 8 * len(dilations) neighbours."""
     p = max(dilations)
     H, W = x.shape[-2:]
     xp = F.pad(x, (p, p, p, p), mode="replicate")
-    views = [xp[..., p + dy * d : p + dy * d + H, p + dx * d : p + dx * d + W] for d in dilations for dy, dx in _DIRS]
+    views = [xp[..., p + oy : p + oy + H, p + ox : p + ox + W] for oy, ox, _ in _offsets(dilations)]
     return torch.stack(views, dim=2)
 
 
 def _position_affinity(dilations: tuple[int, ...], w1: float, device, dtype) -> torch.Tensor:
-    dist = torch.tensor(
-        [d * (math.sqrt(2) if dy and dx else 1.0) for d in dilations for dy, dx in _DIRS], device=device, dtype=dtype
-    )
+    dist = torch.tensor([r for _, _, r in _offsets(dilations)], device=device, dtype=dtype)
     return torch.softmax(-((dist / (dist.std() + 1e-8) / w1) ** 2), dim=0)
 
 
@@ -60,14 +63,14 @@ def par_refine(
     if maps.shape[-2:] != image.shape[-2:]:
         maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)
     aff = par_affinity(image, dilations, w1, w2).unsqueeze(2)  # (B, N, 1, H, W)
-    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in _DIRS]
     p = max(dilations)
     H, W = maps.shape[-2:]
+    offsets = _offsets(dilations)
     for _ in range(iters):
         # Accumulate neighbour by neighbour: never materialises the (B, C, N, H, W) stack.
         mp = F.pad(maps, (p, p, p, p), mode="replicate")
         out = torch.zeros_like(maps)
-        for n, (oy, ox) in enumerate(offsets):
+        for n, (oy, ox, _) in enumerate(offsets):
             out.addcmul_(mp[..., p + oy : p + oy + H, p + ox : p + ox + W], aff[:, n])
         maps = out
     return maps
