@@ -44,11 +44,7 @@ def cmd_train(args, extra: list[str]) -> int:
         if dist.is_main():
             (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info("run directory: %s", run_dir)
-    res = trainer.fit(stop_at=args.stop_at)
-    if res is not None and dist.is_main():
-        from wsss.data.io import atomic_write
-
-        atomic_write(run_dir / "final_eval.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
+    trainer.fit(stop_at=args.stop_at)
     dist.cleanup()
     return 0
 

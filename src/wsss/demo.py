@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         trainer = Trainer(cfg, run_dir)
         res = trainer.fit()
-        atomic_write(run_dir / "final_eval.json", lambda p, r=res: Path(p).write_text(json.dumps(r, indent=2)))
         rows[name] = {k: v["miou"] for k, v in res.items()} | {"minutes": (time.time() - t) / 60}
         bg = all_background_miou(trainer.val_ds)
         weights = trainer.method.backbone.weights_source

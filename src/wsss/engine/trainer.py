@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wsss.build import build_dataset, build_method
 from wsss.config import ConfigError, RunConfig, dump_config
+from wsss.data.io import atomic_write
 from wsss.data.loader import eval_loader, train_loader
 from wsss.engine import dist
 from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -189,7 +190,7 @@ class Trainer:
 
     def fit(self, stop_at: int = 0) -> dict | None:
         """Run to ``train.max_iters`` (or stop after iteration ``stop_at`` > 0 with the schedule unchanged,
-        to be resumed later); returns the final evaluation results."""
+        to be resumed later); returns the final evaluation results, also written to final_eval.json."""
         t, cfg = self.cfg.train, self.cfg
         world = dist.world_size()
         loader = train_loader(self.train_ds, self.micro, t.seed, self.start_iter * t.batch_size, dist.rank(), world,
@@ -249,6 +250,8 @@ class Trainer:
                 res = self.evaluate(done)
         if bar is not None:
             bar.close()
+        if res is not None and end == t.max_iters and dist.is_main():
+            atomic_write(self.run_dir / "final_eval.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
         return res
 
 
