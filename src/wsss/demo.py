@@ -43,10 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/demo")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--configs", default="configs/demo")
-    p.add_argument(
-        "overrides", nargs=argparse.REMAINDER, help="dotted overrides for both runs, e.g. --train.max_iters 50"
-    )
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)  # the rest: dotted overrides for both runs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     data = Path(args.data)
     if not (data / "cls_labels.json").is_file():
@@ -57,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     t0 = time.time()
     for name in ("toco", "fully_supervised"):
-        cfg = load_config(Path(args.configs) / f"{name}.yaml", ["--data.root", str(data), *args.overrides])
+        cfg = load_config(Path(args.configs) / f"{name}.yaml", ["--data.root", str(data), *overrides])
         run_dir = Path(args.out) / name
         if run_dir.exists():
             shutil.rmtree(run_dir)

@@ -131,3 +131,17 @@ def test_training_without_any_masks_when_evaluation_is_off(tmp_path):
                "--data.num_workers", "0", "--train.batch_size", "2", "--train.max_iters", "2",
                "--train.eval_every", "-1", "--run-dir", str(run)])  # fmt: skip
     assert rc == 0 and (run / "checkpoints" / "last.pt").is_file() and not (run / "final_eval.json").exists()
+
+
+def test_demo_entry_point_with_overrides(tmp_path, demo_root, capsys):
+    """`python -m wsss.demo` passes dotted overrides to both runs and prints the summary table."""
+    from wsss.demo import main as demo_main
+
+    rc = demo_main(["--data", str(demo_root), "--out", str(tmp_path / "out"), "--model.backbone", "test_vit",
+                    "--model.weights", "none", "--data.crop_size", "48", "--data.num_workers", "0",
+                    "--train.max_iters", "1", "--train.batch_size", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "toco" in out and "fully_supervised" in out and "all background" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["rows"]) == {"toco", "fully_supervised"}
+    assert (tmp_path / "out" / "toco" / "final_eval.json").is_file()
