@@ -99,7 +99,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
     out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
     report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
-              "crf": "none", "classes": list(classes.seg_names), "results": res}  # fmt: skip
+              "crf": cfg.eval.crf, "classes": list(classes.seg_names), "results": res}  # fmt: skip
     from wsss.data.io import atomic_write
 
     if not dist.is_main():
@@ -108,10 +108,37 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     atomic_write(out, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     dist.cleanup()
     print(
-        f"{cfg.method_name} on {split} ({len(ds)} images, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, no CRF)"
+        f"{cfg.method_name} on {split} ({len(ds)} images, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, "
+        f"CRF {cfg.eval.crf})"
     )
     print(format_table(res, classes))
     print(f"written: {out}")
+    return 0
+
+
+def cmd_predict(args, extra: list[str]) -> int:
+    """`wsss predict`: palette PNG masks for image files/directories or a dataset split."""
+    from wsss.data.loader import eval_loader
+    from wsss.evaluation.predict import image_dataset, write_predictions
+
+    cfg, method, classes, device, run_dir = _load_run(args.target, extra)
+    if bool(args.inputs) == bool(args.split):
+        raise SystemExit("wsss predict: give image files/directories or --split, not both or neither")
+    if args.split:
+        from wsss.build import build_dataset
+
+        ds = build_dataset(cfg, args.split, train=False, load_masks=False)
+    else:
+        ds = image_dataset(args.inputs, classes)
+    out = Path(args.out) if args.out else run_dir / "predictions" / (args.split or "images")
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, desc="predict", dynamic_ncols=True)  # noqa: E731
+    n = write_predictions(method, eval_loader(ds, 1, 0, 1, cfg.data.num_workers), classes, cfg.eval, device, out,
+                          progress)  # fmt: skip
+    print(f"{n} masks ({', '.join(classes.seg_names)}; scales {list(cfg.eval.scales)}, CRF {cfg.eval.crf}) in {out}")
     return 0
 
 
@@ -145,7 +172,7 @@ def cmd_prepare(args, extra: list[str]) -> int:
 
 def cmd_list(args, extra: list[str]) -> int:
     """`wsss list`: registered methods, datasets or backbones."""
-    from wsss.registry import BACKBONES, DATASETS, METHODS
+    from wsss.registry import BACKBONES, DATASETS, METHODS, MODULES
 
     if args.what == "backbones":
         import timm
@@ -154,7 +181,7 @@ def cmd_list(args, extra: list[str]) -> int:
         print("timm ViTs usable as model.backbone (pretrained tags omitted):")
         print("\n".join(timm.list_models("vit_*") + timm.list_models("deit_*")))
         return 0
-    reg = {"methods": METHODS, "datasets": DATASETS}[args.what]
+    reg = {"methods": METHODS, "modules": MODULES, "datasets": DATASETS}[args.what]
     for name in reg.names():
         obj = reg.get(name)
         doc = (obj.__doc__ or "").strip().splitlines()
@@ -163,7 +190,12 @@ def cmd_list(args, extra: list[str]) -> int:
 
 
 def cmd_bench(args, extra: list[str]) -> int:
-    """`wsss bench step`: step time against the bare backbone forward+backward."""
+    """`wsss bench step|modules`: step time against the bare backbone; module ablation table."""
+    if args.bench_cmd == "modules":
+        from wsss.bench.modules import bench_modules
+
+        bench_modules(args.config, args.out, extra, args.data)
+        return 0
     from wsss.bench.step import bench_step
     from wsss.config import load_config
 
@@ -197,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-images", type=int, default=0)
     e.add_argument("--out", default="", help="JSON output (default: RUN_DIR/eval_<split>.json)")
     e.set_defaults(fn=cmd_evaluate)
+    pp = sub.add_parser("predict", help="write palette PNG masks for images or a split (--eval.* overrides follow)")
+    pp.add_argument("target", help="run directory or checkpoint file")
+    pp.add_argument("inputs", nargs="*", help="image files or directories of images")
+    pp.add_argument("--split", default="", help="predict a split of the run's dataset instead")
+    pp.add_argument("--out", default="", help="output directory (default: RUN_DIR/predictions/<split|images>)")
+    pp.set_defaults(fn=cmd_predict)
     d = sub.add_parser("data", help="demo data and data checks")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dm = dsub.add_parser("demo", help="generate the built-in demo dataset (VOC layout)")
@@ -214,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("root")
     pr.set_defaults(fn=cmd_prepare)
     ls = sub.add_parser("list", help="list registered methods, datasets or backbones")
-    ls.add_argument("what", choices=["methods", "datasets", "backbones"])
+    ls.add_argument("what", choices=["methods", "modules", "datasets", "backbones"])
     ls.set_defaults(fn=cmd_list)
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
@@ -222,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--config", required=True)
     bs.add_argument("--repeats", type=int, default=5)
     bs.add_argument("--warmup", type=int, default=2)
+    bm = bsub.add_parser("modules", help="train each recipe and each with one module off; mIoU table")
+    bm.add_argument("--config", action="append", required=True, help="recipe (repeat for several)")
+    bm.add_argument("--out", default="runs/bench_modules")
+    bm.add_argument("--data", default="", help="demo data directory (generated when missing)")
     b.set_defaults(fn=cmd_bench)
     return p
 
@@ -231,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _setup_logging()
-    if extra and args.cmd not in ("train", "evaluate", "bench"):
+    if extra and args.cmd not in ("train", "evaluate", "predict", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from wsss.config import ConfigError
     from wsss.data.io import DataError

@@ -99,6 +99,7 @@ class EvalConfig:
     sweep: bool = True  # also report the oracle background-threshold sweep (labelled as such)
     batch_size: int = 1
     split: str = ""  # empty: data.val_split
+    crf: str = "none"  # dense CRF on the seg probabilities: none | dense ([crf] extra) | torch (approximate)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,15 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _extends(name: str, base_name: str) -> bool:
+    from wsss.registry import METHODS
+
+    try:
+        return issubclass(METHODS.get(name), METHODS.get(base_name))
+    except KeyError:
+        return False  # an unknown name is reported by resolve()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe; a ``_base_`` key (path relative to the file) is loaded first and merged under it."""
     path = Path(path)
@@ -198,9 +208,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     base = data.pop("_base_", None)
     if base:
         base_data = read_yaml(path.parent / base)
-        # A recipe that names another method replaces the base's method section instead of merging into it.
+        # A recipe that names another method replaces the base's method section instead of merging into
+        # it, unless that method extends the base's (cpf_cte on toco): then it inherits the settings.
         name = (data.get("method") or {}).get("name")
-        if name and name != (base_data.get("method") or {}).get("name"):
+        base_name = (base_data.get("method") or {}).get("name", "toco")
+        if name and name != base_name and not _extends(name, base_name):
             base_data.pop("method", None)
         data = _deep_merge(base_data, data)
     return data
@@ -247,7 +259,11 @@ def resolve(data: dict[str, Any]) -> RunConfig:
         method_cls = METHODS.get(name)
     except KeyError as e:
         raise ConfigError(f"config key 'method.name': {e.args[0]}") from None
-    method_cfg = build_dataclass(method_cls.Config, method_sec, "method")
+    try:
+        config_cls = method_cls.config_class(method_sec)
+    except KeyError as e:
+        raise ConfigError(f"config key {e.args[0]}") from None
+    method_cfg = build_dataclass(config_cls, method_sec, "method")
     base = build_dataclass(RunConfig, data, "")
     return dataclasses.replace(base, method_name=name, method=method_cfg)
 

@@ -37,6 +37,30 @@ def all_background_miou(ds) -> float:
     return cm.compute()["miou"]
 
 
+def train_row(cfg, run_dir: Path) -> tuple[dict, Trainer]:
+    """Train ``cfg`` into a fresh ``run_dir`` and score it; ({cam, pseudo, seg mIoU, minutes}, trainer)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    t = time.time()
+    trainer = Trainer(cfg, run_dir)
+    res = trainer.fit()
+    return {k: v["miou"] for k, v in res.items()} | {"minutes": (time.time() - t) / 60}, trainer
+
+
+def fmt_miou(v) -> str:
+    """mIoU in % with two decimals, ``-`` when missing."""
+    return "   -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+
+
+def ensure_demo_data(data: Path) -> None:
+    """Generate the demo data into ``data`` unless it is already there."""
+    if not (data / "cls_labels.json").is_file():
+        from wsss.data.synthetic import generate
+
+        log.info("generating demo data in %s", data)
+        generate(data)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns a process exit code."""
     p = argparse.ArgumentParser(prog="python -m wsss.demo", description=__doc__.splitlines()[0])
@@ -46,26 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)  # the rest: dotted overrides for both runs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     data = Path(args.data)
-    if not (data / "cls_labels.json").is_file():
-        from wsss.data.synthetic import generate
-
-        log.info("generating demo data in %s", data)
-        generate(data)
+    ensure_demo_data(data)
     rows = {}
     t0 = time.time()
     for name in ("toco", "fully_supervised"):
         cfg = load_config(Path(args.configs) / f"{name}.yaml", ["--data.root", str(data), *overrides])
-        run_dir = Path(args.out) / name
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        t = time.time()
-        trainer = Trainer(cfg, run_dir)
-        res = trainer.fit()
-        rows[name] = {k: v["miou"] for k, v in res.items()} | {"minutes": (time.time() - t) / 60}
+        rows[name], trainer = train_row(cfg, Path(args.out) / name)
         bg = all_background_miou(trainer.val_ds)
         weights = trainer.method.backbone.weights_source
     fs = rows["fully_supervised"]["seg"]
-    fmt = lambda v: "   -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"  # noqa: E731
+    fmt = fmt_miou
     lines = [
         f"demo val ({len(trainer.val_ds)} images), backbone {cfg.model.backbone}, weights {weights}",
         f"{'method':<18}{'CAM':>8}{'pseudo':>8}{'seg':>8}{'seg/FS':>8}{'min':>6}",

@@ -1,6 +1,6 @@
-"""One small registry class and the four registries the library uses.
+"""One small registry class and the registries the library uses.
 
-Methods, datasets, backbones and CRF backends are looked up by short name; out-of-tree code adds
+Methods, pipeline modules, datasets, backbones and CRF backends are looked up by short name; out-of-tree code adds
 entries through the ``wsss.plugins`` entry-point group (each entry point is a module imported once).
 """
 
@@ -56,6 +56,7 @@ METHODS = Registry("method")
 DATASETS = Registry("dataset")
 BACKBONES = Registry("backbone")
 CRF = Registry("crf backend")
+MODULES = Registry("pipeline module")
 
 _loaded = False
 
@@ -69,7 +70,7 @@ def _load_builtins() -> None:
     import importlib
     from importlib.metadata import entry_points
 
-    for mod in ("wsss.methods", "wsss.data.voc", "wsss.data.folder", "wsss.models.backbone"):
+    for mod in ("wsss.methods", "wsss.data.voc", "wsss.data.folder", "wsss.models.backbone", "wsss.cam.crf"):
         importlib.import_module(mod)
     for ep in entry_points(group="wsss.plugins"):
         ep.load()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,19 +36,29 @@ def test_train_writes_run_dir_and_evaluate(tmp_path, tiny_args, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
-def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_args):
-    full = _train(tmp_path, "full", tiny_args)
+# The STCL bank only fills where class probabilities pass enqueue_thre: 0 makes the tiny run write it.
+STACK = ["--method.modules", "[cf_bilstm, class_tokens, spatial_contrast, temporal_contrast]",
+         "--method.temporal_contrast.enqueue_thre", "0", "--method.temporal_contrast.min_entries", "1"]  # fmt: skip
+BANK = "mods.temporal_contrast.bank.count"
+
+
+@pytest.mark.parametrize("modules", [[], STACK], ids=["toco", "all_modules"])
+def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_args, modules):
+    full = _train(tmp_path, "full", tiny_args, *modules)
     part = tmp_path / "part"
     assert main(["train", "--config", "configs/demo/toco.yaml", "--run-dir", str(part), *tiny_args,
                  "--train.max_iters", "4", "--method.seg_warmup", "2", "--optim.warmup_iters", "2",
-                 "--stop-at", "2"]) == 0  # fmt: skip
+                 "--stop-at", "2", *modules]) == 0  # fmt: skip
     assert torch.load(part / "checkpoints" / "last.pt", weights_only=True)["iter"] == 2
     assert main(["train", "--resume", str(part)]) == 0
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
     assert b["iter"] == 4
+    assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    if modules:  # the memory bank is part of the checkpoint and was written in both halves
+        assert int(a["model"][BANK].sum()) > 0
 
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):
@@ -75,9 +86,10 @@ def test_data_demo_and_check(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny_args):
-    """2 gloo processes x micro-batch 1 == 1 process x 2 accumulated micro-batches of 1."""
+    """2 gloo processes x micro-batch 1 == 1 process x 2 accumulated micro-batches of 1, with every
+    pipeline module of #4 on: the memory bank gathered over ranks equals the accumulated one."""
     common = ["--config", "configs/demo/toco.yaml", *tiny_args, "--train.max_iters", "2",
-              "--method.seg_warmup", "1", "--train.micro_batch", "1"]  # fmt: skip
+              "--method.seg_warmup", "1", "--train.micro_batch", "1", *STACK]  # fmt: skip
     assert main(["train", "--run-dir", str(tmp_path / "one"), *common]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -87,7 +99,8 @@ def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny
     a = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)["model"]
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k
+    assert int(a[BANK].sum()) > 0
     assert json.loads((tmp_path / "two" / "env.json").read_text())["world_size"] == 2
 
 
@@ -145,3 +158,23 @@ def test_demo_entry_point_with_overrides(tmp_path, demo_root, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["rows"]) == {"toco", "fully_supervised"}
     assert (tmp_path / "out" / "toco" / "final_eval.json").is_file()
+
+
+def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args, demo_root, capsys):
+    from PIL import Image
+
+    run = _train(tmp_path, "p", tiny_args)
+    imgs = sorted((demo_root / "JPEGImages").glob("*.jpg"))[:2]
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(imgs[0]), str(imgs[1]), "--out", str(out), "--eval.crf", "torch"]) == 0
+    for f in imgs:
+        with Image.open(out / f"{f.stem}.png") as m, Image.open(f) as im:
+            assert m.mode == "P" and m.size == im.size
+            assert np.asarray(m).max() < 6  # background + 5 demo classes
+    assert main(["predict", str(run), "--split", "val"]) == 0
+    assert len(list((run / "predictions" / "val").glob("*.png"))) == 4
+    assert main(["predict", str(run), str(tmp_path / "nope.jpg")]) == 2
+    assert "nope.jpg: no such image file or directory" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--which", "seg", "--eval.crf", "torch", "--out", str(tmp_path / "e.json")]) == 0
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["crf"] == "torch" and 0.0 <= rep["results"]["seg"]["miou"] <= 1.0

@@ -28,3 +28,15 @@ def test_overrides_types_and_roundtrip(tmp_path):
 def test_base_with_other_method_replaces_method_section():
     cfg = load_config("configs/demo/fully_supervised.yaml")
     assert cfg.method_name == "fully_supervised" and cfg.data.crop_size == 112
+
+
+def test_recipe_of_an_extending_method_inherits_the_base_method_settings():
+    for path, mods in (("configs/cpf_cte/coco_vit-b.yaml", ("cf_bilstm", "class_tokens")),
+                       ("configs/stcl/voc_vit-b.yaml", ("spatial_contrast", "temporal_contrast"))):  # fmt: skip
+        cfg = load_config(path)
+        base = load_config(path.replace("cpf_cte", "toco").replace("stcl", "toco"))
+        assert cfg.method.modules == mods
+        assert cfg.method.seg_warmup == base.method.seg_warmup and cfg.method.high_thre == base.method.high_thre
+        assert cfg.data == base.data and cfg.optim == base.optim
+    assert load_config("configs/cpf_cte/coco_vit-b.yaml").method.high_thre == 0.65
+    assert load_config("configs/stcl/voc_vit-b.yaml").method.temporal_contrast.size == 256

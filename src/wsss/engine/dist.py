@@ -55,6 +55,17 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 0)
 
 
+def all_gather_varlen(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors (N_r, ...) whose first dimension differs between processes, in rank order."""
+    if world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    counts = all_gather_cat(n).tolist()
+    pad = t.new_zeros((max(counts) - t.shape[0], *t.shape[1:]))
+    full = all_gather_cat(torch.cat([t, pad], 0)).view(len(counts), max(counts), *t.shape[1:])
+    return torch.cat([full[r, :c] for r, c in enumerate(counts)], 0)
+
+
 def barrier() -> None:
     """Synchronise processes (no-op single process)."""
     if world_size() > 1:

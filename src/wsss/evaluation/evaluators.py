@@ -15,7 +15,7 @@ import torch
 from wsss.cam.labels import cam_to_label
 from wsss.data.classes import ClassSpec
 from wsss.evaluation.confusion import ConfusionMatrix
-from wsss.evaluation.inference import multi_scale_seg
+from wsss.evaluation.inference import predict_probs
 
 SWEEP = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
@@ -34,7 +34,7 @@ class SegEvaluator:
         self.cm = ConfusionMatrix(self.classes.K, self.classes.ignore_index)
 
     def process(self, batch: dict, outputs: dict) -> None:
-        """outputs["seg"]: (B, K, H, W) logits; batch["mask"]: (B, H, W)."""
+        """outputs["seg"]: (B, K, H, W) logits or probabilities; batch["mask"]: (B, H, W)."""
         self.cm.update(outputs["seg"].max(1).indices.cpu(), batch["mask"])
 
     def compute(self) -> dict:
@@ -133,7 +133,7 @@ def run_evaluation(
         tags = batch["tags"].to(device)
         outputs = {}
         if any(e.key == "seg" for e in evs):
-            outputs["seg"] = multi_scale_seg(method, x, tuple(ecfg.scales), ecfg.flip)
+            outputs["seg"] = predict_probs(method, x, ecfg)  # argmax-equivalent to the logits
         if any(e.key in ("cam", "pseudo") for e in evs):
             cam = method.predict_cams(x, tags)
             outputs["cam"] = cam

@@ -23,3 +23,14 @@ def multi_scale_seg(
         total = y if total is None else total + y
         n += 2 if flip else 1
     return total / n
+
+
+@torch.no_grad()
+def predict_probs(method, images: torch.Tensor, ecfg) -> torch.Tensor:
+    """Class probabilities (B, K, H, W) for normalised ``images`` (B, 3, H, W) under the eval protocol
+    ``ecfg`` (scales, flip, then the CRF backend ``ecfg.crf`` on the softmax)."""
+    from wsss.cam.crf import apply_crf
+    from wsss.data.transforms import denormalize
+
+    probs = torch.softmax(multi_scale_seg(method, images, tuple(ecfg.scales), ecfg.flip), 1)
+    return apply_crf(ecfg.crf, probs, denormalize(images.float()) * 255.0)

@@ -40,6 +40,11 @@ class Method(nn.Module):
     needs_masks: ClassVar[bool] = False  # reads ground-truth masks in training (fully supervised only)
     has_cams: ClassVar[bool] = True  # predict_cams / pseudo_labels are available
 
+    @classmethod
+    def config_class(cls, section: dict) -> type:
+        """The Config dataclass for a method section ``section`` (a dict); methods with modules extend it."""
+        return cls.Config
+
     def __init__(self, cfg, classes: ClassSpec, backbone: nn.Module, model_cfg) -> None:
         super().__init__()
         self.cfg = cfg

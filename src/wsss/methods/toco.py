@@ -45,6 +45,7 @@ from wsss.losses.energy import dense_energy_loss
 from wsss.losses.segmentation import balanced_seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
+from wsss.methods.modules import StepState, build_modules, config_with_modules
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
@@ -79,6 +80,18 @@ class ToCo(Method):
         ctc_global_scale: float = 1.0  # second global view: the flipped crop at this scale
         ctc_neg_ratio: float = 0.2
         ctc_out_dim: int = 1024
+        # pipeline modules stacked on this recipe, in order (see wsss.methods.modules; `wsss list modules`)
+        modules: tuple[str, ...] = ()
+
+    @classmethod
+    def config_class(cls, section: dict) -> type:
+        """The Config with one sub-section per module listed in ``modules`` or configured in ``section``."""
+        from wsss.registry import MODULES
+
+        mods = section.get("modules", cls.Config.modules)
+        mods = [mods] if isinstance(mods, str) else list(mods or ())
+        extra = [k for k in section if k not in mods and k in MODULES]
+        return config_with_modules(cls.Config, tuple(mods + extra))
 
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)
@@ -90,6 +103,22 @@ class ToCo(Method):
         if cfg.w_ctc > 0:
             self.proj = ProjectionHead(D, cfg.ctc_out_dim)
             self.proj_t = copy.deepcopy(self.proj).requires_grad_(False)
+        self.mods = build_modules(tuple(cfg.modules), cfg, self)
+        for m in self.mods.values():
+            m.attach(backbone)
+        self._layers = tuple(dict.fromkeys((self.aux_layer, *(i for m in self.mods.values() for i in m.layers))))
+        self._attn = tuple(dict.fromkeys(i for m in self.mods.values() for i in m.attn_layers))
+
+    def _encode(self, x: torch.Tensor):
+        """Backbone pass with the blocks and attention maps the CAM heads and modules need."""
+        return self.backbone(x, layers=self._layers, attn_layers=self._attn)
+
+    def _cam_pair(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (CAM, aux CAM) (B, C, h, w) of one backbone output; modules may refine the CAM."""
+        cam = self.cam_head.cam(out.tokens)
+        for m in self.mods.values():
+            cam = m.fuse_cam(cam, out)
+        return cam, self.aux_head.cam(out.layers[self.aux_layer])
 
     def _class_token(self, out) -> torch.Tensor:
         # Backbones without a class token use the mean patch token.
@@ -108,32 +137,34 @@ class ToCo(Method):
 
     @torch.no_grad()
     def on_step_end(self, it: int) -> None:
-        """EMA update of the CTC teacher projector."""
+        """EMA update of the CTC teacher projector; then each module's own step-end work."""
         if self.cfg.w_ctc > 0:
             m = self.cfg.ctc_momentum
             for pt, ps in zip(self.proj_t.parameters(), self.proj.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        for mod in self.mods.values():
+            mod.on_step_end(it)
 
     def _cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.backbone(x, layers=(self.aux_layer,))
-        return self.cam_head.cam(out.tokens), self.aux_head.cam(out.layers[self.aux_layer])
+        return self._cam_pair(self._encode(x))
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
         """Classification (final + aux), PTC, CTC, and after ``seg_warmup`` seg CE on the refined pseudo
         labels plus the energy regulariser; each loss is logged by name."""
         c = self.cfg
         x, tags, valid = batch["image"], batch["tags"], batch["valid"]
-        out = self.backbone(x, layers=(self.aux_layer,))
+        out = self._encode(x)
         feat, aux = out.tokens, out.layers[self.aux_layer]
-        loss_cls = multilabel_loss(self.cam_head(feat), tags)
+        logits = self.cam_head(feat)
+        loss_cls = multilabel_loss(logits, tags)
         loss_aux = multilabel_loss(self.aux_head(aux), tags)
         # Forwards with gradient double as the unflipped CAM passes at their scales (detached there).
-        base, base_flip = {1.0: (self.cam_head.cam(feat), self.aux_head.cam(aux))}, {}
+        base, base_flip = {1.0: self._cam_pair(out)}, {}
         if c.w_ctc > 0:
             s2 = c.ctc_global_scale
             x2 = x.flip(-1) if s2 == 1.0 else F.interpolate(x.flip(-1), scale_factor=s2, mode="bilinear")
-            out2 = self.backbone(x2, layers=(self.aux_layer,))
-            base_flip[s2] = (self.cam_head.cam(out2.tokens), self.aux_head.cam(out2.layers[self.aux_layer]))
+            out2 = self._encode(x2)
+            base_flip[s2] = self._cam_pair(out2)
             glob = torch.stack([self._class_token(out), self._class_token(out2)], 1)  # (B, 2 views, D)
         cam, aux_cam = multi_scale_cam(self._cams, x, c.cam_scales, c.cam_flip, base=base, base_flip=base_flip)
         h, w = feat.shape[-2:]
@@ -149,6 +180,15 @@ class ToCo(Method):
             loss_ctc = self._ctc(x, glob, aux_cam, tags, sample_generator(batch, it, x.device))
             loss = loss + c.w_ctc * loss_ctc
             logs["ctc"] = loss_ctc.detach()
+        if self.mods:
+            gen = sample_generator(batch, it, x.device)
+            st = StepState(x, tags, valid, out, feat, logits, cam, aux_cam, tok_labels, it, gen)
+            for m in self.mods.values():
+                m.extend(st)
+            for m in self.mods.values():
+                for name, (wgt, val) in m.losses(st).items():
+                    loss = loss + wgt * val
+                    logs[name] = val.detach()
         if it >= c.seg_warmup and c.w_seg > 0:
             labels = self._refine(cam, x, tags, valid)
             seg = upsample(self.seg_head(feat), labels.shape[-2:])

@@ -26,13 +26,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class BackboneOutput:
     """``tokens`` (B, D, h, w) final normed patch map; ``layers`` {index: (B, D, h, w)} pre-norm maps
-    of requested blocks; ``prefix`` (B, P, D) final class/register tokens; ``attn`` list of
-    (B, heads, T, T) attention maps of requested blocks."""
+    of requested blocks; ``prefix`` (B, P, D) final class/register tokens; ``attn`` {index: (B, heads,
+    T, T)} attention maps of requested blocks (token order: prefix, h*w patches, extra); ``extra``
+    (B, E, D) final normed tokens that block hooks appended after the patches (e.g. class tokens)."""
 
     tokens: torch.Tensor
     layers: dict[int, torch.Tensor]
     prefix: torch.Tensor
     attn: dict[int, torch.Tensor]
+    extra: torch.Tensor | None = None
 
 
 def resolve_weights(weights: str) -> tuple[str | None, str]:
@@ -104,7 +106,8 @@ class ViTBackbone(nn.Module):
                 if getattr(self.vit, name_, None) is not None:
                     getattr(self.vit, name_).requires_grad_(False)
         self.embed_hook = None  # fn(tokens (B, h, w, D)) -> tokens, before position embedding
-        self.block_hooks: dict[int, list] = {}  # block index -> [fn(x (B, T, D), hw) -> x]
+        # block index -> [fn(x (B, T, D), hw) -> x]; a hook may append tokens after the patches
+        self.block_hooks: dict[int, list] = {}
 
     def _index(self, i: int) -> int:
         return i % self.depth
@@ -141,7 +144,7 @@ class ViTBackbone(nn.Module):
             if i in want:
                 out_layers[i] = _to_map(t[:, P:], h, w)
         t = vit.norm(t)
-        return BackboneOutput(_to_map(t[:, P:], h, w), out_layers, t[:, :P], out_attn)
+        return BackboneOutput(_to_map(t[:, P:], h, w), out_layers, t[:, :P], out_attn, t[:, P + h * w :])
 
 
 def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -81,3 +81,21 @@ class ProjectionHead(nn.Module):
         """(N, D) -> (N, out_dim)."""
         z = nn.functional.normalize(self.mlp(x), dim=-1)
         return nn.functional.linear(z, nn.functional.normalize(self.last, dim=1))
+
+
+class MLPHead(nn.Module):
+    """Two-layer MLP projector with L2-normalised output, for contrastive losses.
+
+    Args:
+        dim: input width D.
+        out_dim: embedding width E.
+        hidden: hidden width (0: D).
+    """
+
+    def __init__(self, dim: int, out_dim: int = 128, hidden: int = 0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden or dim), nn.GELU(), nn.Linear(hidden or dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> unit vectors (..., E)."""
+        return nn.functional.normalize(self.net(x), dim=-1)

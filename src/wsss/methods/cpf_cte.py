@@ -1,0 +1,136 @@
+"""``cpf_cte``: context patch fusion (CF-BiLSTM) + class token enhancement on the ToCo pipeline.
+
+The paper publishes the two ideas, not their code or settings; the choices below are ours
+(following the project's proposed design in seed-methods.md), each a module that stacks on any
+recipe with ``method.modules``:
+
+- ``cf_bilstm``: after the blocks in ``blocks`` (default: the last, before the final norm), the patch
+  grid goes through :class:`~wsss.models.blocks.bilstm.CFBiLSTM`: bidirectional LSTMs along all rows
+  and all columns in two batched calls, a linear fusion of the four directional states, and a
+  per-channel residual gate initialised at 0, so training starts from the unchanged backbone. Hidden
+  size ``hidden`` (0: D / 4). Its output feeds everything downstream (CAM, aux CAM when attached
+  before the aux layer, seg head, token contrast).
+- ``class_tokens``: C learnable class tokens appended after the patches before the last ``blocks``
+  blocks (default 2). Each final class token gives its class score (own weight vector; multi-label
+  soft-margin loss, weight ``w_cls`` 1.0, logged as ``ctk_cls``). The class-to-patch attention of the
+  last block, averaged over heads, is fused with the CAM: both are normalised by their per-map max and
+  multiplied (``fuse: product``: the token's attention sharpens the CAM where both agree) or averaged
+  (``mean``), or not fused (``none``). Fusion applies to every CAM the pipeline makes (pseudo labels,
+  evaluation), not to the auxiliary CAM that drives the token contrast. STCL's class-level contrast
+  uses these tokens when both modules are on.
+
+New parameters (LSTMs, fusion, gate, tokens, score weights) train at the head learning rate.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from wsss.config import ConfigError
+from wsss.losses.classification import multilabel_loss
+from wsss.methods.modules import PipelineModule, StepState
+from wsss.methods.toco import ToCo
+from wsss.models.blocks.bilstm import CFBiLSTM
+from wsss.models.blocks.class_tokens import ClassTokens
+from wsss.registry import METHODS, MODULES
+
+FUSIONS = ("product", "mean", "none")
+
+
+@MODULES.register("cf_bilstm")
+class CFBiLSTMModule(PipelineModule):
+    """CF-BiLSTM context fusion of the patch grid after chosen backbone blocks."""
+
+    @dataclass(frozen=True)
+    class Config:
+        """Where the BiLSTM context is fused in, and its size."""
+
+        blocks: tuple[int, ...] = (-1,)  # attach after these blocks (negative: from the end)
+        hidden: int = 0  # LSTM hidden size per direction; 0: embed_dim / 4
+        gate_init: float = 0.0  # residual gate start; 0 keeps the pretrained backbone unchanged at start
+
+    def __init__(self, cfg: Config, host) -> None:
+        super().__init__(cfg, host)
+        bb = host.backbone
+        D = bb.embed_dim
+        self.where = [b % bb.depth for b in cfg.blocks]
+        self.lstm = nn.ModuleList(CFBiLSTM(D, cfg.hidden or D // 4, cfg.gate_init) for _ in self.where)
+
+    def attach(self, backbone) -> None:
+        """Hook one CF-BiLSTM after each chosen block."""
+        for i, blk in zip(self.where, self.lstm):
+            backbone.block_hooks.setdefault(i, []).append(functools.partial(_grid_hook, blk, backbone.num_prefix))
+
+
+def _grid_hook(blk: CFBiLSTM, prefix: int, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Apply ``blk`` to the patch part (B, h*w, D) of a token sequence; prefix and appended tokens pass."""
+    h, w = hw
+    B, _, D = t.shape
+    grid = blk(t[:, prefix : prefix + h * w].reshape(B, h, w, D)).reshape(B, h * w, D)
+    return torch.cat([t[:, :prefix], grid, t[:, prefix + h * w :]], 1)
+
+
+@MODULES.register("class_tokens")
+class ClassTokenModule(PipelineModule):
+    """Learnable class tokens: class scores and class-to-patch attention fused with the CAM."""
+
+    @dataclass(frozen=True)
+    class Config:
+        """Class token depth, loss weight and CAM fusion."""
+
+        blocks: int = 2  # the class tokens take part in the last N blocks
+        w_cls: float = 1.0  # multi-label loss on the class-token scores
+        fuse: str = "product"  # product | mean | none: how class attention refines the CAM
+
+    def __init__(self, cfg: Config, host) -> None:
+        super().__init__(cfg, host)
+        bb = host.backbone
+        if not 1 <= cfg.blocks < bb.depth:
+            raise ConfigError(f"config key method.class_tokens.blocks must be in 1..{bb.depth - 1}, got {cfg.blocks}")
+        if cfg.fuse not in FUSIONS:
+            raise ConfigError(f"config key method.class_tokens.fuse must be one of {FUSIONS}, got '{cfg.fuse}'")
+        self.tok = ClassTokens(host.classes.num_fg, bb.embed_dim)
+        self.prefix = bb.num_prefix
+        self.last = bb.depth - 1
+        self.attn_layers = (self.last,) if cfg.fuse != "none" else ()
+
+    def attach(self, backbone) -> None:
+        """Append the class tokens after block ``depth - blocks - 1``."""
+        backbone.block_hooks.setdefault(backbone.depth - self.cfg.blocks - 1, []).append(
+            lambda t, hw: self.tok.append(t)
+        )
+
+    def fuse_cam(self, cam: torch.Tensor, out) -> torch.Tensor:
+        """CAM (B, C, h, w) refined by the class-to-patch attention of the last block."""
+        if self.cfg.fuse == "none":
+            return cam
+        h, w = cam.shape[-2:]
+        att = ClassTokens.attention_maps(out.attn[self.last], self.prefix, h, w).to(cam.dtype)
+        cam_n = cam / (cam.amax((2, 3), keepdim=True) + 1e-5)
+        att_n = att / (att.amax((2, 3), keepdim=True) + 1e-5)
+        return cam_n * att_n if self.cfg.fuse == "product" else 0.5 * (cam_n + att_n)
+
+    def extend(self, state: StepState) -> None:
+        """Expose the final class tokens (B, C, D) as ``extras["class_tokens"]``."""
+        state.extras["class_tokens"] = state.out.extra
+
+    def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
+        """``ctk_cls``: multi-label loss of the class-token scores."""
+        if self.cfg.w_cls <= 0:
+            return {}
+        return {"ctk_cls": (self.cfg.w_cls, multilabel_loss(self.tok.scores(state.out.extra), state.tags))}
+
+
+@METHODS.register("cpf_cte")
+class CPFCTE(ToCo):
+    """CPF-CTE: the ToCo pipeline with the ``cf_bilstm`` and ``class_tokens`` modules on."""
+
+    @dataclass(frozen=True)
+    class Config(ToCo.Config):
+        """ToCo's settings; ``modules`` defaults to both CPF-CTE modules."""
+
+        modules: tuple[str, ...] = ("cf_bilstm", "class_tokens")

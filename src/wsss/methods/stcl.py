@@ -1,0 +1,194 @@
+"""``stcl``: spatio-temporal contrastive learning on the ToCo pipeline (two stackable modules).
+
+The paper (Opt. Precision Eng. 2026) publishes the ideas and VOC 72.7 / COCO 43.6 mIoU, no code;
+the choices below are ours, following the project's proposed design (seed-methods.md):
+
+- ``spatial_contrast``: final patch tokens -> 2-layer MLP projector -> unit embeddings.
+  *Patch level*: SupCon (temperature ``temp``) over at most ``max_tokens`` tokens drawn at random
+  (per-batch generator) among those with a confident label from the auxiliary CAM (the PTC token
+  labels: class, background, or 255 in the uncertain band, which is left out). *Class level*: one
+  embedding per image and present class, the final class token when the ``class_tokens`` module is on,
+  else the CAM-weighted mean of the patch tokens (weights: the detached CAM of that class, normalised
+  to sum 1); SupCon across the batch (same class in other images: positives).
+- ``temporal_contrast``: its own projector; per image and present class, a *confident* region
+  embedding (mean over tokens labelled with the class) and, with ``uncertain_anchors``, an *uncertain*
+  one (tokens in the ignore band whose strongest present-class aux CAM is that class: the fine-grained
+  regions the paper's adaptive loss targets). Both are anchors of the adaptive memory contrast
+  (:func:`wsss.losses.contrast.memory_contrast`: InfoNCE against the bank, each anchor weighted by
+  ``(1 - mean positive cosine) ** gamma``). The bank (:class:`ClassMemoryBank`, ``size`` per class) is
+  written only with detached *confident* region embeddings of classes whose predicted probability
+  exceeds ``enqueue_thre``; writes are collected during the step and pushed after the optimizer step,
+  gathered over processes in rank order, so the bank is the same on every process and a 2-process
+  run equals one process with 2 accumulation micro-batches. A class enters the loss once it holds
+  ``min_entries`` entries; the loss starts at ``warmup``. The bank is a buffer: saved and resumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from wsss.engine import dist
+from wsss.losses.contrast import memory_contrast, supcon_loss
+from wsss.methods.modules import PipelineModule, StepState
+from wsss.methods.toco import ToCo
+from wsss.models.blocks.memory import ClassMemoryBank
+from wsss.models.heads import MLPHead
+from wsss.registry import METHODS, MODULES
+
+
+def _tokens(feat: torch.Tensor) -> torch.Tensor:
+    return feat.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+
+
+def region_masks(state: StepState, classes, high: float, low: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confident, uncertain) token masks (B, C, N) per present class, from the step's token labels.
+
+    Confident: token label is the class. Uncertain: token in the ignore band, inside the image, whose
+    strongest present-class aux CAM is the class.
+    """
+    B, C = state.tags.shape
+    h, w = state.feat.shape[-2:]
+    lab = state.tok_labels.flatten(1)  # (B, N)
+    cls_ids = torch.arange(C, device=lab.device) + classes.fg_offset
+    present = state.tags.bool()[:, :, None]
+    conf = (lab[:, None] == cls_ids[None, :, None]) & present
+    aux = F.interpolate(state.aux_cam, size=(h, w), mode="bilinear", align_corners=False) * state.tags[:, :, None, None]
+    val, top = aux.flatten(2).max(1)  # (B, N)
+    inside = F.interpolate(state.valid[:, None].float(), size=(h, w), mode="nearest").flatten(1) > 0
+    band = (lab == classes.ignore_index) & inside & (val > low) & (val <= high)
+    unc = band[:, None] & (top[:, None] == torch.arange(C, device=lab.device)[None, :, None]) & present
+    return conf, unc
+
+
+def region_means(z: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit mean embeddings (B, C, E) of tokens z (B, N, E) under masks (B, C, N), and which are non-empty."""
+    m = masks.to(z.dtype)
+    cnt = m.sum(-1)
+    return F.normalize(torch.bmm(m, z) / cnt.clamp(min=1)[..., None], dim=-1), cnt > 0
+
+
+@MODULES.register("spatial_contrast")
+class SpatialContrast(PipelineModule):
+    """Patch-level and class-level supervised contrast of the final tokens."""
+
+    @dataclass(frozen=True)
+    class Config:
+        """Weights, temperature, token budget and embedding width."""
+
+        w_patch: float = 0.1
+        w_class: float = 0.1
+        temp: float = 0.1
+        max_tokens: int = 1024  # tokens per step in the patch-level loss (random subset of confident ones)
+        dim: int = 128
+
+    def __init__(self, cfg: Config, host) -> None:
+        super().__init__(cfg, host)
+        self.proj = MLPHead(host.backbone.embed_dim, cfg.dim)
+        self.classes = host.classes
+
+    def class_embeddings(self, state: StepState) -> torch.Tensor:
+        """(B, C, D): class tokens when the class_tokens module runs, else CAM-weighted token means."""
+        if "class_tokens" in state.extras:
+            return state.extras["class_tokens"]
+        h, w = state.feat.shape[-2:]
+        wgt = F.interpolate(state.cam, size=(h, w), mode="bilinear", align_corners=False).flatten(2).detach()
+        wgt = wgt / wgt.sum(-1, keepdim=True).clamp(min=1e-6)
+        return torch.bmm(wgt.to(state.feat.dtype), _tokens(state.feat))
+
+    def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
+        """``sc_patch`` and ``sc_class`` SupCon losses."""
+        c, out = self.cfg, {}
+        if c.w_patch > 0:
+            lab = state.tok_labels.flatten()
+            idx = (lab != self.classes.ignore_index).nonzero().flatten()
+            if idx.numel() > c.max_tokens:
+                perm = torch.randperm(idx.numel(), generator=state.gen, device=idx.device)
+                idx = idx[perm[: c.max_tokens]]
+            z = self.proj(_tokens(state.feat).flatten(0, 1)[idx])
+            out["sc_patch"] = (c.w_patch, supcon_loss(z, lab[idx], c.temp))
+        if c.w_class > 0:
+            b, k = state.tags.nonzero(as_tuple=True)
+            z = self.proj(self.class_embeddings(state)[b, k])
+            out["sc_class"] = (c.w_class, supcon_loss(z, k, c.temp))
+        return out
+
+
+@MODULES.register("temporal_contrast")
+class TemporalContrast(PipelineModule):
+    """Adaptive memory contrast of region embeddings against a per-class bank of earlier images."""
+
+    @dataclass(frozen=True)
+    class Config:
+        """Bank size and update, loss weight and shape."""
+
+        w_mem: float = 0.1
+        size: int = 256  # entries per class
+        dim: int = 128
+        temp: float = 0.1
+        gamma: float = 2.0  # hardness exponent of the adaptive weighting; 0: plain InfoNCE mean
+        enqueue_thre: float = 0.7  # write a class only when its predicted probability exceeds this
+        momentum: float = 0.0  # 0: FIFO queues; m > 0: momentum update of filled slots
+        min_entries: int = 4  # a class joins the loss once its queue holds this many entries
+        warmup: int = 0  # iterations before the loss starts (the bank fills from the start)
+        uncertain_anchors: bool = True  # also pull uncertain-band regions towards their class memory
+
+    def __init__(self, cfg: Config, host) -> None:
+        super().__init__(cfg, host)
+        self.proj = MLPHead(host.backbone.embed_dim, cfg.dim)
+        self.bank = ClassMemoryBank(host.classes.num_fg, cfg.size, cfg.dim, cfg.momentum)
+        self.classes, self.host_cfg = host.classes, host.cfg
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
+        """``mem``: adaptive memory contrast; also queues this step's confident regions for the bank."""
+        c, hc = self.cfg, self.host_cfg
+        z = self.proj(_tokens(state.feat))
+        conf, unc = region_masks(state, self.classes, hc.high_thre, hc.low_thre)
+        emb, has = region_means(z, conf)
+        write = has & (torch.sigmoid(state.logits.detach()) > c.enqueue_thre)
+        if self.training:
+            b, k = write.nonzero(as_tuple=True)
+            self._pending.append((emb[b, k].detach(), k))
+        if c.w_mem <= 0 or state.it < c.warmup:
+            return {}
+        b, k = has.nonzero(as_tuple=True)
+        anchors, labels = [emb[b, k]], [k]
+        if c.uncertain_anchors:
+            emb_u, has_u = region_means(z, unc)
+            bu, ku = has_u.nonzero(as_tuple=True)
+            anchors.append(emb_u[bu, ku])
+            labels.append(ku)
+        bank, bank_labels = self.bank.entries(c.min_entries)
+        loss, _ = memory_contrast(torch.cat(anchors), torch.cat(labels), bank.to(z.dtype), bank_labels, c.temp,
+                                  c.gamma)  # fmt: skip
+        return {"mem": (c.w_mem, loss)}
+
+    @torch.no_grad()
+    def on_step_end(self, it: int) -> None:
+        """Push the step's queued embeddings (all micro-batches, all processes in rank order) into the bank."""
+        dim = self.bank.feats.shape[-1]
+        dev = self.bank.feats.device
+        if self._pending:
+            emb = torch.cat([e.float() for e, _ in self._pending])
+            lab = torch.cat([k for _, k in self._pending])
+        else:
+            emb, lab = torch.zeros(0, dim, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+        self._pending.clear()
+        emb = dist.all_gather_varlen(emb.to(dev))
+        lab = dist.all_gather_varlen(lab.to(dev))
+        if lab.numel():
+            self.bank.push(emb, lab)
+
+
+@METHODS.register("stcl")
+class STCL(ToCo):
+    """STCL: the ToCo pipeline with the ``spatial_contrast`` and ``temporal_contrast`` modules on."""
+
+    @dataclass(frozen=True)
+    class Config(ToCo.Config):
+        """ToCo's settings; ``modules`` defaults to both STCL modules."""
+
+        modules: tuple[str, ...] = ("spatial_contrast", "temporal_contrast")

@@ -1,0 +1,114 @@
+"""CPF-CTE mechanisms: BiLSTM row/column context, class tokens, CAM fusion, and modules off == baseline."""
+
+import pytest
+import torch
+
+from tests.conftest import TINY
+from tests.methods.test_methods import SPEC, _batch
+from wsss.build import build_method
+from wsss.config import ConfigError, load_config
+from wsss.models.blocks.bilstm import CFBiLSTM
+from wsss.models.blocks.class_tokens import ClassTokens
+
+
+def test_bilstm_sees_whole_row_and_column_and_nothing_else():
+    torch.manual_seed(0)
+    blk = CFBiLSTM(dim=8, hidden=4, gate_init=1.0)
+    grid = torch.randn(1, 4, 5, 8)
+    moved = grid.clone()
+    moved[0, 0, 0] += torch.randn(8)  # change the top-left token (not a constant shift: LayerNorm drops those)
+    diff = (blk(moved) - blk(grid)).abs().sum(-1)[0]  # (4, 5)
+    assert diff[0, 4] > 1e-4 and diff[3, 0] > 1e-4  # the far end of its row and of its column change
+    assert torch.all(diff[1:, 1:] == 0)  # tokens sharing neither row nor column do not (one block)
+    # a change at the right end reaches the left end too: the row LSTM runs both ways
+    moved = grid.clone()
+    moved[0, 2, 4] += torch.randn(8)
+    assert (blk(moved) - blk(grid))[0, 2, 0].abs().sum() > 1e-4
+
+
+def test_bilstm_with_zero_gate_is_the_identity_and_gate_gets_gradient():
+    torch.manual_seed(0)
+    blk = CFBiLSTM(dim=8, hidden=4)  # gate 0
+    grid = torch.randn(2, 3, 3, 8)
+    out = blk(grid)
+    assert torch.equal(out, grid)
+    out.pow(2).sum().backward()
+    assert blk.gate.grad.abs().sum() > 0  # training opens the gate; the LSTMs learn from then on
+
+
+def test_class_token_attention_maps_pick_class_rows_and_patch_columns():
+    # T = 1 prefix + 4 patches (2x2) + 2 class tokens; two heads
+    attn = torch.zeros(1, 2, 7, 7)
+    attn[0, 0, 5, 1:5] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    attn[0, 1, 5, 1:5] = torch.tensor([0.3, 0.2, 0.1, 0.0])
+    attn[0, :, 6, 4] = 1.0
+    maps = ClassTokens.attention_maps(attn, first_patch=1, h=2, w=2)
+    assert maps.shape == (1, 2, 2, 2)
+    assert torch.allclose(maps[0, 0], torch.tensor([[0.2, 0.2], [0.2, 0.2]]))
+    assert torch.allclose(maps[0, 1], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+
+
+def _build(*over):
+    torch.manual_seed(0)
+    return build_method(load_config(None, [*TINY, "--method.seg_warmup", "1", *over]), SPEC)
+
+
+def test_class_tokens_get_gradient_from_their_classification_loss():
+    m = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]")
+    out = m.train_step(_batch(), 0)
+    assert "ctk_cls" in out.logs
+    tok = m.mods["class_tokens"].tok
+    m.zero_grad()
+    loss = m.mods["class_tokens"].losses(_state_of(m))["ctk_cls"][1]
+    loss.backward()
+    assert tok.tokens.grad.abs().sum() > 0 and tok.score_w.grad.abs().sum() > 0
+    assert m.backbone.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0  # through the blocks they join
+    assert m.cam_head.conv.weight.grad is None  # its own path: the patch CAM head is not involved
+
+
+def _state_of(m):
+    from wsss.methods.modules import StepState
+
+    b = _batch()
+    out = m._encode(b["image"])
+    z = torch.zeros(1)
+    return StepState(b["image"], b["tags"], b["valid"], out, out.tokens, z, z, z, z, 0)
+
+
+def test_cam_fusion_product_and_mean():
+    m = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]")
+    mod = m.mods["class_tokens"]
+    out = m._encode(_batch()["image"])
+    cam = m.cam_head.cam(out.tokens)
+    att = ClassTokens.attention_maps(out.attn[5], 1, 3, 3)
+    cn, an = cam / (cam.amax((2, 3), keepdim=True) + 1e-5), att / (att.amax((2, 3), keepdim=True) + 1e-5)
+    assert torch.allclose(mod.fuse_cam(cam, out), cn * an)
+    object.__setattr__(mod.cfg, "fuse", "mean")
+    assert torch.allclose(mod.fuse_cam(cam, out), 0.5 * (cn + an))
+
+
+def test_modules_off_is_exactly_the_baseline():
+    base = _build()
+    off = _build("--method.name", "cpf_cte", "--method.modules", "[]")
+    sa, sb = base.state_dict(), off.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    la, lb = base.train_step(_batch(), 1), off.train_step(_batch(), 1)
+    assert la.loss.item() == lb.loss.item() and la.logs.keys() == lb.logs.keys()
+    # the BiLSTM alone, gate at 0, computes the same outputs as the baseline with the same weights
+    lstm = _build("--method.name", "cpf_cte", "--method.modules", "[cf_bilstm]")
+    lstm.load_state_dict(base.state_dict(), strict=False)
+    x = _batch()["image"]
+    base.eval(), lstm.eval()
+    assert torch.equal(base.predict_seg(x), lstm.predict_seg(x))
+    assert torch.equal(base.predict_cams(x), lstm.predict_cams(x))
+
+
+def test_module_config_sections_and_errors():
+    cfg = load_config(None, [*TINY, "--method.name", "cpf_cte", "--method.cf_bilstm.hidden", "8"])
+    assert cfg.method.modules == ("cf_bilstm", "class_tokens") and cfg.method.cf_bilstm.hidden == 8
+    with pytest.raises(ConfigError, match="method.cf_bilstm.hiden.*did you mean 'method.cf_bilstm.hidden'"):
+        load_config(None, ["--method.name", "cpf_cte", "--method.cf_bilstm.hiden", "8"])
+    with pytest.raises(ConfigError, match="unknown pipeline module 'cf_lstm'.*cf_bilstm"):
+        load_config(None, ["--method.modules", "[cf_lstm]"])
+    with pytest.raises(ConfigError, match="class_tokens.blocks must be in 1..5"):
+        _build("--method.name", "cpf_cte", "--method.class_tokens.blocks", "6")
