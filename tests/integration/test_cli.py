@@ -166,7 +166,8 @@ def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args,
     run = _train(tmp_path, "p", tiny_args)
     imgs = sorted((demo_root / "JPEGImages").glob("*.jpg"))[:2]
     out = tmp_path / "pred"
-    assert main(["predict", str(run), str(imgs[0]), str(imgs[1]), "--out", str(out), "--eval.crf", "torch"]) == 0
+    # inputs may come before and after the overrides
+    assert main(["predict", str(run), str(imgs[0]), "--eval.crf", "torch", str(imgs[1]), "--out", str(out)]) == 0
     for f in imgs:
         with Image.open(out / f"{f.stem}.png") as m, Image.open(f) as im:
             assert m.mode == "P" and m.size == im.size

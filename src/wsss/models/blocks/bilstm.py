@@ -36,8 +36,11 @@ class CFBiLSTM(nn.Module):
         B, h, w, _ = grid.shape
         z = self.inp(self.norm(grid))  # (B, h, w, H)
         H = z.shape[-1]
-        rows, _ = self.row(z.reshape(B * h, w, H))  # left->right and right->left states
-        cols, _ = self.col(z.transpose(1, 2).reshape(B * w, h, H))  # top->down and bottom->up
+        # The recurrences run in fp32 under autocast: cuDNN's low-precision RNN support varies by dtype.
+        with torch.autocast(grid.device.type, enabled=False):
+            z = z.float()
+            rows, _ = self.row(z.reshape(B * h, w, H))  # left->right and right->left states
+            cols, _ = self.col(z.transpose(1, 2).reshape(B * w, h, H))  # top->down and bottom->up
         rows = rows.reshape(B, h, w, 2 * H)
         cols = cols.reshape(B, w, h, 2 * H).transpose(1, 2)
         return self.fuse(torch.cat([rows, cols], -1))
