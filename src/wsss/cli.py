@@ -118,16 +118,14 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 def cmd_predict(args, extra: list[str]) -> int:
     """`wsss predict`: palette PNG masks for image files/directories or a dataset split."""
+    from wsss.config import split_overrides
     from wsss.data.loader import eval_loader
     from wsss.evaluation.predict import image_dataset, write_predictions
 
     # argparse stops filling `inputs` at the first override: images after `--eval.crf dense` land in extra
-    overrides, i = [], 0
-    while i < len(extra):
-        step = 1 if "=" in extra[i] or not extra[i].startswith("--") else 2
-        (overrides if extra[i].startswith("--") else args.inputs).extend(extra[i : i + step])
-        i += step
-    cfg, method, classes, device, run_dir = _load_run(args.target, overrides)
+    pairs, more_inputs = split_overrides(extra)
+    args.inputs += more_inputs
+    cfg, method, classes, device, run_dir = _load_run(args.target, [f"--{k}={v}" for k, v in pairs])
     if bool(args.inputs) == bool(args.split):
         raise SystemExit("wsss predict: give image files/directories or --split, not both or neither")
     if args.split:

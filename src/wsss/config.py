@@ -218,24 +218,33 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def split_overrides(tokens: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pair ``--a.b v`` / ``--a.b=v`` tokens into (key, raw value); other tokens are returned apart, in order."""
+    items: list[tuple[str, str]] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            rest.append(tok)
+            i += 1
+        elif "=" in tok:
+            items.append(tuple(tok[2:].split("=", 1)))
+            i += 1
+        else:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"override '{tok}' has no value")
+            items.append((tok[2:], tokens[i + 1]))
+            i += 2
+    return items, rest
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``["--train.max_iters", "5", "--data.root=/x"]`` style overrides (values parsed as YAML)."""
     data = _deep_merge({}, data)
-    items: list[tuple[str, str]] = []
-    i = 0
-    while i < len(overrides):
-        tok = overrides[i]
-        if not tok.startswith("--"):
-            raise ConfigError(f"unexpected argument '{tok}' (overrides look like --train.max_iters 100)")
-        if "=" in tok:
-            k, v = tok[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(overrides):
-                raise ConfigError(f"override '{tok}' has no value")
-            k, v = tok[2:], overrides[i + 1]
-            i += 2
-        items.append((k, v))
+    items, rest = split_overrides(overrides)
+    if rest:
+        raise ConfigError(f"unexpected argument '{rest[0]}' (overrides look like --train.max_iters 100)")
     for key, raw in items:
         val = yaml.safe_load(raw) if raw != "" else ""
         node = data

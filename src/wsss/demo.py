@@ -79,15 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         bg = all_background_miou(trainer.val_ds)
         weights = trainer.method.backbone.weights_source
     fs = rows["fully_supervised"]["seg"]
-    fmt = fmt_miou
     lines = [
         f"demo val ({len(trainer.val_ds)} images), backbone {cfg.model.backbone}, weights {weights}",
         f"{'method':<18}{'CAM':>8}{'pseudo':>8}{'seg':>8}{'seg/FS':>8}{'min':>6}",
     ]
     for name, r in rows.items():
-        lines.append(f"{name:<18}{fmt(r.get('cam')):>8}{fmt(r.get('pseudo')):>8}{fmt(r['seg']):>8}"
+        lines.append(f"{name:<18}{fmt_miou(r.get('cam')):>8}{fmt_miou(r.get('pseudo')):>8}{fmt_miou(r['seg']):>8}"
                      f"{r['seg'] / fs:>8.2f}{r['minutes']:>6.1f}")  # fmt: skip
-    lines.append(f"{'all background':<18}{'':>8}{'':>8}{fmt(bg):>8}{bg / fs:>8.2f}")
+    lines.append(f"{'all background':<18}{'':>8}{'':>8}{fmt_miou(bg):>8}{bg / fs:>8.2f}")
     lines.append(f"total {(time.time() - t0) / 60:.1f} min; mIoU in %, single scale, no CRF")
     print("\n".join(lines))
     summary = {"rows": rows, "all_background_miou": bg, "weights": weights, "backbone": cfg.model.backbone}
