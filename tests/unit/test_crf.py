@@ -5,13 +5,13 @@ import importlib.util
 import pytest
 import torch
 
-from wsss.cam.crf import CRFParams, _positional_message, apply_crf, bilateral_kernel
+from wsss.cam.crf import CRFParams, _gauss_filter, apply_crf, bilateral_kernel
 
 
 def test_positional_message_is_the_exact_gaussian_sum_without_self():
     q = torch.zeros(1, 1, 5, 5)
     q[0, 0, 2, 2] = 1.0
-    m = _positional_message(q, sigma=1.0)
+    m = _gauss_filter(q, sigma=1.0) - q  # the message excludes the pixel itself (centre tap exp(0) = 1)
     # neighbour at offset (dy, dx) receives exp(-(dy^2 + dx^2) / 2); the pixel itself receives nothing
     assert m[0, 0, 2, 2].item() == pytest.approx(0.0, abs=1e-6)
     assert m[0, 0, 2, 3].item() == pytest.approx(torch.exp(torch.tensor(-0.5)).item(), abs=1e-6)

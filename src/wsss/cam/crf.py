@@ -96,17 +96,20 @@ def _gauss_filter(q: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, g.view(1, 1, -1, 1), padding=(r, 0)).view(B, K, H, W)
 
 
-def _positional_message(q: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Unnormalised positional message without the pixel itself (its centre tap is exp(0) = 1)."""
-    return _gauss_filter(q, sigma) - q
+def gaussian_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``exp(-|a_i - b_j|^2 / 2)`` for feature sets a (B, N, F) and b (B, M, F) -> (B, N, M).
+
+    Squared distances are capped at 80 (exp(-40) ~ 4e-18): the exp then never produces denormals,
+    which are many times slower on CPUs.
+    """
+    d2 = (a.pow(2).sum(-1)[:, :, None] + b.pow(2).sum(-1)[:, None]).baddbmm_(a, b.transpose(1, 2), alpha=-2.0)
+    return d2.clamp_(0, 80).mul_(-0.5).exp_()
 
 
 def bilateral_kernel(image: torch.Tensor, size: tuple[int, int], sxy: float, srgb: float) -> torch.Tensor:
     """Dense bilateral kernel among the pixels of a ``size`` subgrid of ``image`` (B, 3, H, W) -> (B, n, n)."""
     f = _features(image, size, sxy, srgb)[0]
-    sq = f.pow(2).sum(-1)
-    d2 = (sq[:, :, None] + sq[:, None, :]).baddbmm_(f, f.transpose(1, 2), alpha=-2.0)
-    return d2.clamp_(min=0).mul_(-0.5).exp_()
+    return gaussian_kernel(f, f)
 
 
 def _features(image: torch.Tensor, size: tuple[int, int], sxy: float, srgb: float):
@@ -139,12 +142,9 @@ def torch_crf(probs: torch.Tensor, image: torch.Tensor, p: CRFParams, chunk: int
     keys, ky, kx = _features(image, (h, w), p.bi_xy, p.bi_rgb)  # (B, n, 5)
     queries, _, _ = _features(image, (H, W), p.bi_xy, p.bi_rgb)  # (B, N, 5)
     area = (H * W) / (h * w)
-    ksq = keys.pow(2).sum(-1)[:, None]
 
     def kernel(s: int) -> torch.Tensor:  # (B, chunk, n) kernel rows of receivers s .. s + chunk
-        qf = queries[:, s : s + chunk]
-        d2 = (qf.pow(2).sum(-1)[:, :, None] + ksq).baddbmm_(qf, keys.transpose(1, 2), alpha=-2.0)
-        return d2.clamp_(0, 80).mul_(-0.5).exp_()  # exp(-40) ~ 0; the cap avoids slow denormals
+        return gaussian_kernel(queries[:, s : s + chunk], keys)
 
     starts = range(0, H * W, chunk)
     # Rebuilding the kernel dominates the cost: keep it when it fits the budget (small images, GPUs).

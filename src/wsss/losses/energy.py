@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from wsss.cam.crf import gaussian_kernel
+
 
 def dense_energy_loss(
     probs: torch.Tensor,
@@ -60,9 +62,7 @@ def dense_energy_loss(
     pos = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).view(1, h * w, 2) / sigma_xy
     col = img.flatten(2).transpose(1, 2) / sigma_rgb  # (B, N, 3)
     feat = torch.cat([pos.expand(B, -1, -1), col], -1)
-    sq = feat.pow(2).sum(-1)
-    d2 = (sq[:, :, None] + sq[:, None, :]).baddbmm_(feat, feat.transpose(1, 2), alpha=-2.0)
-    kernel = d2.clamp_(min=0).mul_(-0.5).exp_()  # (B, N, N), in place: the largest tensor of the loss
+    kernel = gaussian_kernel(feat, feat)  # (B, N, N): the largest tensor of the loss
     s = S.flatten(2)  # (B, K, N)
     ws = torch.bmm(s, kernel)  # (B, K, N) = W S per class (kernel symmetric)
     gated = (ws * gate.flatten(1)[:, None]).detach()
