@@ -89,7 +89,8 @@ def _state(logits):
     aux = torch.zeros(1, 2, 2, 2)
     aux[0, 0] = torch.tensor([[0.9, 0.8], [0.5, 0.1]])
     return StepState(x=None, tags=torch.tensor([[1.0, 1.0]]), valid=torch.ones(1, 2, 2, dtype=torch.bool), out=None,
-                     feat=feat, logits=torch.tensor([logits]), cam=aux, aux_cam=aux, tok_labels=tok, it=0)  # fmt: skip
+                     feat=feat, logits=torch.tensor([logits]), cam=aux, aux_cam=aux, tok_labels=tok,
+                     tok_valid=torch.ones(1, 2, 2, dtype=torch.bool), it=0)  # fmt: skip
 
 
 def test_temporal_bank_takes_only_confident_regions_of_confident_classes():

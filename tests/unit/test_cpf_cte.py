@@ -72,7 +72,7 @@ def _state_of(m):
     b = _batch()
     out = m._encode(b["image"])
     z = torch.zeros(1)
-    return StepState(b["image"], b["tags"], b["valid"], out, out.tokens, z, z, z, z, 0)
+    return StepState(b["image"], b["tags"], b["valid"], out, out.tokens, z, z, z, z, z, 0)
 
 
 def test_cam_fusion_product_and_mean():

@@ -32,8 +32,9 @@ class StepState:
     x (B, 3, H, W) images; tags (B, C); valid (B, H, W); out: the BackboneOutput of x; feat (B, D, h, w)
     final patch map; logits (B, C) image class scores; cam (B, C, H, W) multi-scale CAM in [0, 1]
     (detached); aux_cam (B, C, H, W) likewise; tok_labels (B, h, w) token labels from the aux CAM (255:
-    uncertain or padding); it: iteration; gen: per-batch random generator; extras: entries modules add
-    in ``extend`` (e.g. ``class_tokens`` (B, C, D)).
+    uncertain or padding); tok_valid (B, h, w) tokens inside the image (not crop padding); it: iteration;
+    gen: per-batch random generator; extras: entries modules add in ``extend`` (e.g. ``class_tokens``
+    (B, C, D)).
     """
 
     x: torch.Tensor
@@ -45,6 +46,7 @@ class StepState:
     cam: torch.Tensor
     aux_cam: torch.Tensor
     tok_labels: torch.Tensor
+    tok_valid: torch.Tensor
     it: int
     gen: torch.Generator | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)

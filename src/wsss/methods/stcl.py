@@ -57,8 +57,7 @@ def region_masks(state: StepState, classes, high: float, low: float) -> tuple[to
     conf = (lab[:, None] == cls_ids[None, :, None]) & present
     aux = F.interpolate(state.aux_cam, size=(h, w), mode="bilinear", align_corners=False) * state.tags[:, :, None, None]
     val, top = aux.flatten(2).max(1)  # (B, N)
-    inside = F.interpolate(state.valid[:, None].float(), size=(h, w), mode="nearest").flatten(1) > 0
-    band = (lab == classes.ignore_index) & inside & (val > low) & (val <= high)
+    band = (lab == classes.ignore_index) & state.tok_valid.flatten(1) & (val > low) & (val <= high)
     unc = band[:, None] & (top[:, None] == torch.arange(C, device=lab.device)[None, :, None]) & present
     return conf, unc
 

@@ -182,7 +182,7 @@ class ToCo(Method):
             logs["ctc"] = loss_ctc.detach()
         if self.mods:
             gen = sample_generator(batch, it, x.device)
-            st = StepState(x, tags, valid, out, feat, logits, cam, aux_cam, tok_labels, it, gen)
+            st = StepState(x, tags, valid, out, feat, logits, cam, aux_cam, tok_labels, small_valid, it, gen)
             for m in self.mods.values():
                 m.extend(st)
             for m in self.mods.values():
