@@ -31,5 +31,17 @@ def model_config(cfg: RunConfig):
 def build_method(cfg: RunConfig, classes: ClassSpec):
     """Backbone + the configured method."""
     mcfg = model_config(cfg)
-    backbone = BACKBONES.get("vit")(mcfg)
+    arch = mcfg.arch
+    if arch == "auto":
+        from wsss.models.cnn import is_vit
+
+        try:
+            arch = "vit" if is_vit(mcfg.backbone) else "cnn"
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        builder = BACKBONES.get(arch)
+    except KeyError as e:
+        raise ConfigError(f"config key 'model.arch': {e.args[0]}") from None
+    backbone = builder(mcfg)
     return METHODS.get(cfg.method_name)(cfg.method, classes, backbone, mcfg)

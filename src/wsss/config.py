@@ -48,10 +48,12 @@ class ModelConfig:
     """Backbone and shared heads."""
 
     backbone: str = "vit_base_patch16_224"
+    arch: str = "auto"  # vit | cnn | auto (from the timm model's family); selects the backbone wrapper
     weights: str = "timm"  # timm (pretrained download, or $WSSS_WEIGHTS) | none | /path/to/file
     img_size: int = 0  # position-embedding grid the model is built for; 0: data.crop_size
     drop_path: float = 0.1
     freeze_blocks: int = 0  # freeze the patch embedding and the first N blocks (cheaper backward, less memory)
+    output_stride: int = 16  # CNN backbones only: 8 or 16 (dilated last stages) or 32
     aux_layer: int = -3  # block whose tokens feed the auxiliary CAM head
     seg_hidden: int = 512  # width of the LargeFOV segmentation head (ToCo's is 512)
 

@@ -70,7 +70,14 @@ def _load_builtins() -> None:
     import importlib
     from importlib.metadata import entry_points
 
-    for mod in ("wsss.methods", "wsss.data.voc", "wsss.data.folder", "wsss.models.backbone", "wsss.cam.crf"):
+    for mod in (
+        "wsss.methods",
+        "wsss.data.voc",
+        "wsss.data.folder",
+        "wsss.models.backbone",
+        "wsss.models.cnn",
+        "wsss.cam.crf",
+    ):
         importlib.import_module(mod)
     for ep in entry_points(group="wsss.plugins"):
         ep.load()

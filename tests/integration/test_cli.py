@@ -36,10 +36,13 @@ def test_train_writes_run_dir_and_evaluate(tmp_path, tiny_args, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
-# The STCL bank only fills where class probabilities pass enqueue_thre: 0 makes the tiny run write it.
-STACK = ["--method.modules", "[cf_bilstm, class_tokens, spatial_contrast, temporal_contrast]",
-         "--method.temporal_contrast.enqueue_thre", "0", "--method.temporal_contrast.min_entries", "1"]  # fmt: skip
-BANK = "mods.temporal_contrast.bank.count"
+# Every module of #4 and #5 stacked. The banks only fill where class probabilities pass enqueue_thre:
+# 0 makes the tiny run write them (and so the RCA aggregation runs on a non-empty bank from step 2).
+STACK = ["--method.modules", "[cf_bilstm, class_tokens, spatial_contrast, temporal_contrast, region_memory, "
+         "region_contrast, region_aggregation, context_aggregation, feature_fusion]",
+         "--method.temporal_contrast.enqueue_thre", "0", "--method.temporal_contrast.min_entries", "1",
+         "--method.region_memory.enqueue_thre", "0", "--method.feature_fusion.layers", "[1]"]  # fmt: skip
+BANKS = ("mods.temporal_contrast.bank.count", "mods.region_memory.bank.count")
 
 
 @pytest.mark.parametrize("modules", [[], STACK], ids=["toco", "all_modules"])
@@ -57,8 +60,8 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_args, modules
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    if modules:  # the memory bank is part of the checkpoint and was written in both halves
-        assert int(a["model"][BANK].sum()) > 0
+    if modules:  # the memory banks are part of the checkpoint and were written in both halves
+        assert all(int(a["model"][k].sum()) > 0 for k in BANKS)
 
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):
@@ -87,7 +90,7 @@ def test_data_demo_and_check(tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny_args):
     """2 gloo processes x micro-batch 1 == 1 process x 2 accumulated micro-batches of 1, with every
-    pipeline module of #4 on: the memory bank gathered over ranks equals the accumulated one."""
+    pipeline module of #4 and #5 on: the memory banks gathered over ranks equal the accumulated ones."""
     common = ["--config", "configs/demo/toco.yaml", *tiny_args, "--train.max_iters", "2",
               "--method.seg_warmup", "1", "--train.micro_batch", "1", *STACK]  # fmt: skip
     assert main(["train", "--run-dir", str(tmp_path / "one"), *common]) == 0
@@ -100,7 +103,7 @@ def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny
     b = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k
-    assert int(a[BANK].sum()) > 0
+    assert all(int(a[k].sum()) > 0 for k in BANKS)
     assert json.loads((tmp_path / "two" / "env.json").read_text())["world_size"] == 2
 
 
@@ -179,3 +182,20 @@ def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args,
     assert main(["evaluate", str(run), "--which", "seg", "--eval.crf", "torch", "--out", str(tmp_path / "e.json")]) == 0
     rep = json.loads((tmp_path / "e.json").read_text())
     assert rep["crf"] == "torch" and 0.0 <= rep["results"]["seg"]["miou"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "config,extra,loss",
+    [("rca", ["--method.region_memory.enqueue_thre", "0"], "rca_sc"),
+     ("wsfcn", ["--model.backbone", "resnet18", "--model.aux_layer", "-2", "--method.feature_fusion.layers", "[1]"],
+      "seg")],
+    ids=["rca_vit", "wsfcn_resnet18"],
+)  # fmt: skip
+def test_demo_recipes_of_rca_and_wsfcn_train_and_evaluate(tmp_path, tiny_args, config, extra, loss):
+    run = tmp_path / config
+    assert main(["train", "--config", f"configs/demo/{config}.yaml", "--run-dir", str(run), *tiny_args,
+                 "--train.max_iters", "3", "--method.seg_warmup", "1", *extra]) == 0  # fmt: skip
+    steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert loss in [r for r in steps if "loss" in r][-1]
+    assert main(["evaluate", str(run), "--split", "val"]) == 0
+    assert json.loads((run / "eval_val.json").read_text())["results"]["seg"]["miou"] >= 0

@@ -60,12 +60,26 @@ def memory_contrast(
     """
     sim = anchors @ bank.t()
     log_prob = torch.log_softmax(sim / temp, 1)
+    per_anchor, has = positive_nll(log_prob, anchor_labels, bank_labels)
     pos = anchor_labels[:, None] == bank_labels[None, :]
     n_pos = pos.sum(1)
-    has = n_pos > 0
-    per_anchor = -(log_prob * pos).sum(1) / n_pos.clamp(min=1)
     mean_pos = ((sim * pos).sum(1) / n_pos.clamp(min=1)).detach()
     w = (1 - mean_pos).clamp(0, 2).pow(gamma) * has
     if not bool(has.any()):
         return anchors.sum() * 0.0, w
     return (w * per_anchor).sum() / has.sum(), w
+
+
+def positive_nll(log_prob: torch.Tensor, anchor_labels: torch.Tensor, bank_labels: torch.Tensor):
+    """Per-anchor mean negative log-probability of its positives.
+
+    Args:
+        log_prob: (N, L) log-softmax of anchor-to-bank similarities over the bank.
+        anchor_labels: (N,) class ids.
+        bank_labels: (L,) class ids.
+    Returns:
+        (loss (N,) ``-1/|P(i)| sum_{p in P(i)} log_prob[i, p]``, 0 where P(i) is empty; has (N,) bool).
+    """
+    pos = anchor_labels[:, None] == bank_labels[None, :]
+    n_pos = pos.sum(1)
+    return -(log_prob * pos).sum(1) / n_pos.clamp(min=1), n_pos > 0

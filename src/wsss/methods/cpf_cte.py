@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from wsss.config import ConfigError
 from wsss.losses.classification import multilabel_loss
-from wsss.methods.modules import PipelineModule, StepState
+from wsss.methods.modules import PipelineModule, StepState, block_hooks
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.bilstm import CFBiLSTM
 from wsss.models.blocks.class_tokens import ClassTokens
@@ -63,7 +63,8 @@ class CFBiLSTMModule(PipelineModule):
     def attach(self, backbone) -> None:
         """Hook one CF-BiLSTM after each chosen block."""
         for i, blk in zip(self.where, self.lstm):
-            backbone.block_hooks.setdefault(i, []).append(functools.partial(_grid_hook, blk, backbone.num_prefix))
+            hooks = block_hooks(backbone, "cf_bilstm")
+            hooks.setdefault(i, []).append(functools.partial(_grid_hook, blk, backbone.num_prefix))
 
 
 def _grid_hook(blk: CFBiLSTM, prefix: int, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -100,7 +101,7 @@ class ClassTokenModule(PipelineModule):
 
     def attach(self, backbone) -> None:
         """Append the class tokens after block ``depth - blocks - 1``."""
-        backbone.block_hooks.setdefault(backbone.depth - self.cfg.blocks - 1, []).append(
+        block_hooks(backbone, "class_tokens").setdefault(backbone.depth - self.cfg.blocks - 1, []).append(
             lambda t, hw: self.tok.append(t)
         )
 

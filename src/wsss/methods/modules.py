@@ -8,8 +8,13 @@ method section under its own name (``method.cf_bilstm.hidden``). Register with
 
 Order of the hooks in one training step of the host method:
 ``attach`` (once, at build) -> backbone forward (each module's ``layers`` / ``attn_layers`` are
-requested) -> ``fuse_cam`` on every CAM pass -> ``extend`` (adds entries to the step state, in the
-order of ``method.modules``) -> ``losses`` -> after the optimizer step ``on_step_end``.
+requested) -> ``refine_features`` on every backbone pass, training and inference, in the order of
+``method.modules`` -> ``fuse_cam`` on every CAM pass -> ``extend`` (adds entries to the step state, in
+the order of ``method.modules``) -> ``losses`` -> after the optimizer step ``on_step_end``.
+
+A module that works on another's state (RCA's contrast and aggregation on the region memory) names it
+in ``needs``; the recipe must list that module too (checked at config time), and the instance is
+available as ``self.deps[name]`` after the build.
 """
 
 from __future__ import annotations
@@ -62,15 +67,20 @@ class PipelineModule(nn.Module):
     """
 
     Config: ClassVar[type]
+    needs: ClassVar[tuple[str, ...]] = ()  # modules that must be listed with this one
     layers: tuple[int, ...] = ()  # backbone blocks whose pre-norm maps the module needs in ``StepState.out``
     attn_layers: tuple[int, ...] = ()  # backbone blocks whose attention maps it needs
 
     def __init__(self, cfg, host) -> None:
         super().__init__()
         self.cfg = cfg
+        self.deps: dict[str, PipelineModule] = {}  # a plain dict: the needed modules are not re-registered
 
     def attach(self, backbone) -> None:
         """Install backbone hooks (called once, after construction)."""
+
+    def refine_features(self, out) -> None:
+        """Refine ``out.tokens`` (B, D, h, w) in place on the BackboneOutput ``out`` (before every head)."""
 
     def fuse_cam(self, cam: torch.Tensor, out) -> torch.Tensor:
         """Refine raw CAMs (B, C, h, w) using the backbone output ``out`` of the same pass."""
@@ -87,12 +97,35 @@ class PipelineModule(nn.Module):
         """After each optimizer step (memory bank writes, EMA updates)."""
 
 
+def block_hooks(backbone, module: str) -> dict:
+    """The backbone's ``block_hooks`` dict; a ConfigError naming ``module`` when it has none (CNNs)."""
+    from wsss.config import ConfigError
+
+    hooks = getattr(backbone, "block_hooks", None)
+    if hooks is None:
+        raise ConfigError(f"method.modules: {module} hooks into ViT blocks; {type(backbone).__name__} has none")
+    return hooks
+
+
 def build_modules(names: tuple[str, ...], method_cfg, host) -> nn.ModuleDict:
     """Instantiate the modules ``names`` with their config sections from ``method_cfg``."""
     mods = nn.ModuleDict()
     for n in names:
         mods[n] = MODULES.get(n)(getattr(method_cfg, n), host)
+    for m in mods.values():
+        m.deps = {d: mods[d] for d in m.needs}
     return mods
+
+
+def check_needs(names: list[str]) -> None:
+    """Raise ConfigError when a listed module needs a module that is not listed (or listed after it)."""
+    from wsss.config import ConfigError
+
+    for i, n in enumerate(names):
+        for d in MODULES.get(n).needs:
+            if d not in names[:i]:
+                where = "listed before it" if d in names else "listed too"
+                raise ConfigError(f"method.modules: {n} needs the {d} module, {where} (e.g. modules: [{d}, {n}])")
 
 
 @functools.cache

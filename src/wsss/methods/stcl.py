@@ -30,43 +30,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wsss.engine import dist
 from wsss.losses.contrast import memory_contrast, supcon_loss
 from wsss.methods.modules import PipelineModule, StepState
+from wsss.methods.regions import region_masks, region_means, tokens
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.memory import ClassMemoryBank
 from wsss.models.heads import MLPHead
 from wsss.registry import METHODS, MODULES
-
-
-def _tokens(feat: torch.Tensor) -> torch.Tensor:
-    return feat.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
-
-
-def region_masks(state: StepState, classes, high: float, low: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confident, uncertain) token masks (B, C, N) per present class, from the step's token labels.
-
-    Confident: token label is the class. Uncertain: token in the ignore band, inside the image, whose
-    strongest present-class aux CAM is the class.
-    """
-    B, C = state.tags.shape
-    h, w = state.feat.shape[-2:]
-    lab = state.tok_labels.flatten(1)  # (B, N)
-    cls_ids = torch.arange(C, device=lab.device) + classes.fg_offset
-    present = state.tags.bool()[:, :, None]
-    conf = (lab[:, None] == cls_ids[None, :, None]) & present
-    aux = F.interpolate(state.aux_cam, size=(h, w), mode="bilinear", align_corners=False) * state.tags[:, :, None, None]
-    val, top = aux.flatten(2).max(1)  # (B, N)
-    band = (lab == classes.ignore_index) & state.tok_valid.flatten(1) & (val > low) & (val <= high)
-    unc = band[:, None] & (top[:, None] == torch.arange(C, device=lab.device)[None, :, None]) & present
-    return conf, unc
-
-
-def region_means(z: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit mean embeddings (B, C, E) of tokens z (B, N, E) under masks (B, C, N), and which are non-empty."""
-    m = masks.to(z.dtype)
-    cnt = m.sum(-1)
-    return F.normalize(torch.bmm(m, z) / cnt.clamp(min=1)[..., None], dim=-1), cnt > 0
 
 
 @MODULES.register("spatial_contrast")
@@ -95,7 +65,7 @@ class SpatialContrast(PipelineModule):
         h, w = state.feat.shape[-2:]
         wgt = F.interpolate(state.cam, size=(h, w), mode="bilinear", align_corners=False).flatten(2).detach()
         wgt = wgt / wgt.sum(-1, keepdim=True).clamp(min=1e-6)
-        return torch.bmm(wgt.to(state.feat.dtype), _tokens(state.feat))
+        return torch.bmm(wgt.to(state.feat.dtype), tokens(state.feat))
 
     def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
         """``sc_patch`` and ``sc_class`` SupCon losses."""
@@ -106,7 +76,7 @@ class SpatialContrast(PipelineModule):
             if idx.numel() > c.max_tokens:
                 perm = torch.randperm(idx.numel(), generator=state.gen, device=idx.device)
                 idx = idx[perm[: c.max_tokens]]
-            z = self.proj(_tokens(state.feat).flatten(0, 1)[idx])
+            z = self.proj(tokens(state.feat).flatten(0, 1)[idx])
             out["sc_patch"] = (c.w_patch, supcon_loss(z, lab[idx], c.temp))
         if c.w_class > 0:
             b, k = state.tags.nonzero(as_tuple=True)
@@ -139,18 +109,17 @@ class TemporalContrast(PipelineModule):
         self.proj = MLPHead(host.backbone.embed_dim, cfg.dim)
         self.bank = ClassMemoryBank(host.classes.num_fg, cfg.size, cfg.dim, cfg.momentum)
         self.classes, self.host_cfg = host.classes, host.cfg
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
         """``mem``: adaptive memory contrast; also queues this step's confident regions for the bank."""
         c, hc = self.cfg, self.host_cfg
-        z = self.proj(_tokens(state.feat))
+        z = self.proj(tokens(state.feat))
         conf, unc = region_masks(state, self.classes, hc.high_thre, hc.low_thre)
         emb, has = region_means(z, conf)
         write = has & (torch.sigmoid(state.logits.detach()) > c.enqueue_thre)
         if self.training:
             b, k = write.nonzero(as_tuple=True)
-            self._pending.append((emb[b, k].detach(), k))
+            self.bank.enqueue(emb[b, k], k)
         if c.w_mem <= 0 or state.it < c.warmup:
             return {}
         b, k = has.nonzero(as_tuple=True)
@@ -165,21 +134,9 @@ class TemporalContrast(PipelineModule):
                                   c.gamma)  # fmt: skip
         return {"mem": (c.w_mem, loss)}
 
-    @torch.no_grad()
     def on_step_end(self, it: int) -> None:
         """Push the step's queued embeddings (all micro-batches, all processes in rank order) into the bank."""
-        dim = self.bank.feats.shape[-1]
-        dev = self.bank.feats.device
-        if self._pending:
-            emb = torch.cat([e.float() for e, _ in self._pending])
-            lab = torch.cat([k for _, k in self._pending])
-        else:
-            emb, lab = torch.zeros(0, dim, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
-        self._pending.clear()
-        emb = dist.all_gather_varlen(emb.to(dev))
-        lab = dist.all_gather_varlen(lab.to(dev))
-        if lab.numel():
-            self.bank.push(emb, lab)
+        self.bank.flush()
 
 
 @METHODS.register("stcl")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from wsss.cam.cam import multi_scale_cam
 from wsss.cam.labels import cam_to_label, refine_pseudo_labels
+from wsss.config import ConfigError
 from wsss.data.transforms import denormalize
 from wsss.losses.class_token_contrast import class_token_contrast, roi_from_cam, sample_local_crops
 from wsss.losses.classification import multilabel_loss
@@ -45,7 +46,7 @@ from wsss.losses.energy import dense_energy_loss
 from wsss.losses.segmentation import balanced_seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
-from wsss.methods.modules import StepState, build_modules, config_with_modules
+from wsss.methods.modules import StepState, build_modules, check_needs, config_with_modules
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
@@ -91,15 +92,19 @@ class ToCo(Method):
         mods = section.get("modules", cls.Config.modules)
         mods = [mods] if isinstance(mods, str) else list(mods or ())
         extra = [k for k in section if k not in mods and k in MODULES]
+        try:
+            check_needs(mods)
+        except KeyError as e:
+            raise ConfigError(f"method.modules: {e.args[0]}") from None
         return config_with_modules(cls.Config, tuple(mods + extra))
 
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)
         D = backbone.embed_dim
         self.cam_head = CAMHead(D, classes.num_fg)
-        self.aux_head = CAMHead(D, classes.num_fg)
-        self.seg_head = LargeFOVHead(D, model_cfg.seg_hidden, classes.K)
         self.aux_layer = model_cfg.aux_layer % backbone.depth
+        self.aux_head = CAMHead(backbone.dims[self.aux_layer], classes.num_fg)
+        self.seg_head = LargeFOVHead(D, model_cfg.seg_hidden, classes.K)
         if cfg.w_ctc > 0:
             self.proj = ProjectionHead(D, cfg.ctc_out_dim)
             self.proj_t = copy.deepcopy(self.proj).requires_grad_(False)
@@ -109,9 +114,13 @@ class ToCo(Method):
         self._layers = tuple(dict.fromkeys((self.aux_layer, *(i for m in self.mods.values() for i in m.layers))))
         self._attn = tuple(dict.fromkeys(i for m in self.mods.values() for i in m.attn_layers))
 
-    def _encode(self, x: torch.Tensor):
-        """Backbone pass with the blocks and attention maps the CAM heads and modules need."""
-        return self.backbone(x, layers=self._layers, attn_layers=self._attn)
+    def _encode(self, x: torch.Tensor, attn: bool = True):
+        """Backbone pass with the blocks (and, with ``attn``, attention maps) the CAM heads and modules
+        need; the modules then refine the final map in order."""
+        out = self.backbone(x, layers=self._layers, attn_layers=self._attn if attn else ())
+        for m in self.mods.values():
+            m.refine_features(out)
+        return out
 
     def _cam_pair(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (CAM, aux CAM) (B, C, h, w) of one backbone output; modules may refine the CAM."""
@@ -223,4 +232,4 @@ class ToCo(Method):
 
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""
-        return upsample(self.seg_head(self.backbone(images).tokens), images.shape[-2:])
+        return upsample(self.seg_head(self._encode(images, attn=False).tokens), images.shape[-2:])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,13 +28,15 @@ class BackboneOutput:
     """``tokens`` (B, D, h, w) final normed patch map; ``layers`` {index: (B, D, h, w)} pre-norm maps
     of requested blocks; ``prefix`` (B, P, D) final class/register tokens; ``attn`` {index: (B, heads,
     T, T)} attention maps of requested blocks (token order: prefix, h*w patches, extra); ``extra``
-    (B, E, D) final normed tokens that block hooks appended after the patches (e.g. class tokens)."""
+    (B, E, D) final normed tokens that block hooks appended after the patches (e.g. class tokens);
+    ``maps`` {name: (B, D, h, w)} named maps that pipeline modules record while refining ``tokens``."""
 
     tokens: torch.Tensor
     layers: dict[int, torch.Tensor]
     prefix: torch.Tensor
     attn: dict[int, torch.Tensor]
     extra: torch.Tensor | None = None
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def resolve_weights(weights: str) -> tuple[str | None, str]:
@@ -95,6 +97,7 @@ class ViTBackbone(nn.Module):
         self.weights_source = source
         self.embed_dim: int = self.vit.embed_dim
         self.depth = len(self.vit.blocks)
+        self.dims: list[int] = [self.embed_dim] * self.depth  # channels of each block's map in ``layers``
         self.num_prefix = self.vit.num_prefix_tokens
         ps = self.vit.patch_embed.patch_size
         self.patch_size: int = ps[0] if isinstance(ps, (tuple, list)) else ps

@@ -28,6 +28,29 @@ class ClassMemoryBank(nn.Module):
         self.register_buffer("feats", torch.zeros(num_classes, size, dim))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def enqueue(self, emb: torch.Tensor, labels: torch.Tensor) -> None:
+        """Queue embeddings (N, E) of classes ``labels`` (N,) (detached) for the next :meth:`flush`."""
+        self._pending.append((emb.detach(), labels))
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Push everything queued since the last flush (all micro-batches), gathered from all processes
+        in rank order, so every process holds the same bank and a 2-process run writes what one process
+        with 2 accumulation micro-batches writes."""
+        from wsss.engine import dist
+
+        dim, dev = self.feats.shape[-1], self.feats.device
+        if self._pending:
+            emb = torch.cat([e.float() for e, _ in self._pending]).to(dev)
+            lab = torch.cat([k for _, k in self._pending]).to(dev)
+        else:
+            emb, lab = torch.zeros(0, dim, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+        self._pending.clear()
+        emb, lab = dist.all_gather_varlen(emb), dist.all_gather_varlen(lab)
+        if lab.numel():
+            self.push(emb, lab)
 
     @torch.no_grad()
     def push(self, emb: torch.Tensor, labels: torch.Tensor) -> None:
@@ -46,10 +69,15 @@ class ClassMemoryBank(nn.Module):
             self.ptr[c] = (self.ptr[c] + k) % M
             self.count[c] = torch.clamp(self.count[c] + k, max=M)
 
+    def filled(self, min_count: int = 1) -> torch.Tensor:
+        """(C, M) bool: slots holding an entry, in classes holding at least ``min_count`` entries."""
+        M = self.feats.shape[1]
+        ok = self.count >= min_count
+        return (torch.arange(M, device=self.feats.device)[None] < self.count[:, None]) & ok[:, None]
+
     def entries(self, min_count: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Filled entries (L, E) and their classes (L,), of classes holding at least ``min_count``."""
         C, M, _ = self.feats.shape
-        ok = self.count >= min_count
-        mask = (torch.arange(M, device=self.feats.device)[None] < self.count[:, None]) & ok[:, None]
+        mask = self.filled(min_count)
         labels = torch.arange(C, device=self.feats.device)[:, None].expand(C, M)
         return self.feats[mask], labels[mask]

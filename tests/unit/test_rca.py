@@ -1,0 +1,185 @@
+"""RCA mechanisms: region memory writes, mixup memory contrast, memory aggregation, modules off == baseline."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import TINY
+from tests.methods.test_methods import SPEC, _batch
+from wsss.build import build_method
+from wsss.config import ConfigError, load_config
+from wsss.data.classes import ClassSpec
+from wsss.methods.modules import StepState
+from wsss.methods.rca import PRE_AGGREGATION, RegionAggregation, RegionContrast, RegionMemory, mixed_memory_nce
+from wsss.models.backbone import BackboneOutput
+
+A, B_ = math.log1p(math.exp(-1)), math.log1p(math.e)  # -log softmax([1, 0])[0] and [1]
+
+
+def test_memory_nce_hand_computed_with_and_without_mixup():
+    bank, bl = torch.eye(2), torch.tensor([0, 1])
+    z, lab = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    one = mixed_memory_nce(z, lab, torch.tensor([0]), torch.ones(1), bank, bl, temp=1.0)
+    assert one.item() == pytest.approx(A, abs=1e-6)
+    # two anchors mixed with each other: lam 0.75 and 0.5
+    z, lab, partner, lam = torch.eye(2), torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0.75, 0.5])
+    got = mixed_memory_nce(z, lab, partner, lam, bank, bl, temp=1.0)
+    assert got.item() == pytest.approx(((0.75 * A + 0.25 * B_) + (0.5 * A + 0.5 * B_)) / 2, abs=1e-6)
+    # class 1 absent from the bank: only the class-0 parts count, normalised by their weights
+    got = mixed_memory_nce(z, lab, partner, lam, bank[:1], bl[:1], temp=1.0)
+    assert got.item() == pytest.approx((0.75 * 0.0 + 0.5 * 0.0) / 1.25, abs=1e-6)  # one entry: log-prob 0
+    assert mixed_memory_nce(z, lab, partner, lam, bank[:0], bl[:0], temp=1.0).item() == 0.0
+
+
+def _host(D=4, high=0.7):
+    return SimpleNamespace(backbone=SimpleNamespace(embed_dim=D), classes=ClassSpec(("a", "b")),
+                           cfg=SimpleNamespace(high_thre=high, low_thre=0.25))  # fmt: skip
+
+
+def _state(logits, pre=None):
+    feat = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    tok = torch.tensor([[[1, 1], [255, 2]]])  # tokens 0, 1: class "a" (label 1); token 3: class "b"
+    aux = torch.zeros(1, 2, 2, 2)
+    out = BackboneOutput(feat, {}, None, {}, maps={} if pre is None else {PRE_AGGREGATION: pre})
+    return StepState(x=None, tags=torch.tensor([[1.0, 1.0]]), valid=None, out=out, feat=feat,
+                     logits=torch.tensor([logits]), cam=aux, aux_cam=aux, tok_labels=tok,
+                     tok_valid=torch.ones(1, 2, 2, dtype=torch.bool), it=0,
+                     gen=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+def test_region_memory_writes_confident_regions_of_confident_classes_from_the_pre_aggregation_map():
+    mem = RegionMemory(RegionMemory.Config(size=3, momentum=0.0, enqueue_thre=0.7), _host())
+    pre = torch.arange(16.0).view(1, 4, 2, 2)
+    st = _state([3.0, -3.0], pre=pre)  # "a" predicted (p 0.95), "b" not (p 0.05)
+    mem.extend(st)
+    assert st.extras["region_has"].tolist() == [[True, True]]
+    assert mem.bank.count.tolist() == [0, 0]  # nothing is written before the step ends
+    mem.on_step_end(0)
+    assert mem.bank.count.tolist() == [1, 0]
+    tok = pre.flatten(2)[0].t()  # (4 tokens, 4 channels)
+    assert torch.allclose(mem.bank.feats[0, 0], F.normalize(tok[:2].mean(0), dim=0))
+    # two micro-batches before one step end: both are written, in order; FIFO evicts the oldest
+    for _ in range(2):
+        mem.extend(_state([3.0, -3.0], pre=pre))
+        mem.extend(_state([3.0, -3.0], pre=2 * pre))
+        mem.on_step_end(0)
+    assert mem.bank.count.tolist() == [3, 0] and mem.bank.ptr.tolist() == [2, 0]
+    assert torch.allclose(mem.bank.feats[0, 1], F.normalize(2 * tok[:2].mean(0), dim=0))
+    # eval mode: features are computed, nothing is queued
+    mem.eval()
+    mem.extend(_state([3.0, 3.0]))
+    mem.on_step_end(0)
+    assert mem.bank.count.tolist() == [3, 0]
+
+
+def test_region_contrast_uses_the_bank_without_gradient_and_reaches_the_features():
+    torch.manual_seed(0)
+    host = _host()
+    mem = RegionMemory(RegionMemory.Config(size=4, momentum=0.0), host)
+    con = RegionContrast(RegionContrast.Config(w=0.1, temp=0.5, dim=3, mixup=0.0), host)
+    con.deps = {"region_memory": mem}
+    mem.bank.push(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]), torch.tensor([0, 1]))
+    st = _state([3.0, 3.0])
+    mem.extend(st)
+    w, loss = con.losses(st)["rca_sc"]
+    f = st.extras["region_feats"][0]  # both classes present
+    expect = mixed_memory_nce(con.proj(f), torch.tensor([0, 1]), torch.arange(2), torch.ones(2),
+                              con.proj(mem.bank.feats[:, 0]), torch.tensor([0, 1]), 0.5)  # fmt: skip
+    assert w == 0.1 and loss.item() == pytest.approx(expect.item(), abs=1e-6)
+    loss.backward()
+    assert st.feat.grad.abs().sum() > 0 and con.proj.net[0].weight.grad.abs().sum() > 0
+    # with mixup the loss changes and stays finite; the partner of the two regions is the other one
+    con2 = RegionContrast(RegionContrast.Config(temp=0.5, dim=3, mixup=8.0), host)
+    con2.deps = {"region_memory": mem}
+    st = _state([3.0, 3.0])
+    mem.extend(st)
+    assert torch.isfinite(con2.losses(st)["rca_sc"][1])
+
+
+def _agg(topk=0, gate=1.0):
+    host = _host(D=2)
+    mem = RegionMemory(RegionMemory.Config(size=2, momentum=0.0), host)
+    agg = RegionAggregation(RegionAggregation.Config(dim=2, topk=topk, gate_init=gate), host)
+    agg.deps = {"region_memory": mem}
+    with torch.no_grad():
+        for lin in (agg.q, agg.k, agg.v, agg.o):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+    return agg, mem
+
+
+def test_aggregation_hand_computed_topk_and_noop_when_empty():
+    agg, mem = _agg()
+    x = torch.tensor([[[[2.0]], [[0.0]]]])  # one token (2, 0): (B=1, D=2, 1, 1)
+    out = BackboneOutput(x, {}, None, {})
+    agg.refine_features(out)
+    assert out.tokens is x and PRE_AGGREGATION not in out.maps  # empty bank: untouched
+    mem.bank.push(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    agg.refine_features(out)
+    p = torch.softmax(torch.tensor([2 / math.sqrt(2), 0.0]), 0)  # scores of the two entries
+    assert torch.allclose(out.tokens.flatten(), torch.tensor([2.0, 0.0]) + p, atol=1e-6)
+    assert out.maps[PRE_AGGREGATION] is x
+    # top-1 per class: class 0's second entry (0.6, 0.8) scores below its first and is left out
+    agg1, mem1 = _agg(topk=1)
+    mem1.bank.push(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), torch.tensor([0, 0, 1]))
+    ctx = agg1.context(x.flatten(2).transpose(1, 2), mem1.bank.feats, mem1.bank.filled())
+    assert torch.allclose(ctx.flatten(), p, atol=1e-6)
+    ctx_all = _agg(topk=0)[0].context(x.flatten(2).transpose(1, 2), mem1.bank.feats, mem1.bank.filled())
+    s = torch.softmax(torch.tensor([2.0, 1.2, 0.0]) / math.sqrt(2), 0)
+    assert torch.allclose(ctx_all.flatten(), s[0] * torch.tensor([1.0, 0]) + s[1] * torch.tensor([0.6, 0.8])
+                          + s[2] * torch.tensor([0.0, 1.0]), atol=1e-6)  # fmt: skip
+
+
+def test_aggregation_gate_zero_is_identity_and_the_gate_gets_gradient():
+    agg, mem = _agg(gate=0.0)
+    mem.bank.push(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    x = torch.randn(1, 2, 3, 3)
+    out = BackboneOutput(x, {}, None, {})
+    agg.refine_features(out)
+    assert torch.equal(out.tokens, x)
+    out.tokens.pow(2).sum().backward()
+    assert agg.gate.grad.abs().sum() > 0
+
+
+def _build(*over):
+    torch.manual_seed(0)
+    return build_method(load_config(None, [*TINY, "--method.seg_warmup", "1", *over]), SPEC)
+
+
+def test_rca_modules_off_and_closed_gate_are_exactly_the_baseline():
+    base = _build()
+    off = _build("--method.name", "rca", "--method.modules", "[]")
+    sa, sb = base.state_dict(), off.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert base.train_step(_batch(), 1).loss.item() == off.train_step(_batch(), 1).loss.item()
+    full = _build("--method.name", "rca")
+    full.load_state_dict(base.state_dict(), strict=False)
+    full.mods["region_memory"].bank.push(torch.randn(3, base.backbone.embed_dim), torch.tensor([0, 1, 2]))
+    x = _batch()["image"]
+    base.eval(), full.eval()
+    assert torch.equal(base.predict_seg(x), full.predict_seg(x))  # gate 0: memory context not yet let in
+    with torch.no_grad():
+        full.mods["region_aggregation"].gate.fill_(1.0)
+    assert not torch.equal(base.predict_seg(x), full.predict_seg(x))  # open: inference uses the bank
+
+
+def test_rca_step_fills_the_bank_and_logs_the_contrast():
+    m = _build("--method.name", "rca", "--method.region_memory.enqueue_thre", "0")
+    out = m.train_step(_batch(), 1)
+    assert "rca_sc" in out.logs
+    out.loss.backward()
+    m.on_step_end(1)
+    assert int(m.mods["region_memory"].bank.count.sum()) > 0
+    out = m.train_step(_batch(), 2)  # the aggregation now runs on a non-empty bank, inside the step
+    out.loss.backward()
+    assert m.mods["region_aggregation"].gate.grad.abs().sum() > 0
+
+
+def test_needs_are_checked_at_config_time():
+    with pytest.raises(ConfigError, match="region_contrast needs the region_memory module, listed too"):
+        load_config(None, ["--method.modules", "[region_contrast]"])
+    with pytest.raises(ConfigError, match="listed before it"):
+        load_config(None, ["--method.modules", "[region_aggregation, region_memory]"])
