@@ -181,15 +181,18 @@ def cmd_list(args, extra: list[str]) -> int:
     if args.what == "backbones":
         import timm
 
-        print("backbone wrappers:", ", ".join(BACKBONES.names()))
+        print("backbone wrappers (model.arch; auto picks by the timm model's family):", ", ".join(BACKBONES.names()))
         print("timm ViTs usable as model.backbone (pretrained tags omitted):")
         print("\n".join(timm.list_models("vit_*") + timm.list_models("deit_*")))
+        print("timm CNNs usable as model.backbone (arch cnn; output stride via model.output_stride):")
+        print("\n".join(timm.list_models(["resnet*", "wide_resnet*", "resnext*"])))
         return 0
     reg = {"methods": METHODS, "modules": MODULES, "datasets": DATASETS}[args.what]
     for name in reg.names():
         obj = reg.get(name)
         doc = (obj.__doc__ or "").strip().splitlines()
-        print(f"{name:<20} {doc[0] if doc else ''}")
+        needs = getattr(obj, "needs", ())
+        print(f"{name:<20} {doc[0] if doc else ''}" + (f" [needs: {', '.join(needs)}]" if needs else ""))
     return 0
 
 

@@ -50,6 +50,17 @@ def test_fusion_gate_zero_keeps_high_level_and_semantic_gate_controls_detail():
     assert torch.equal(fuse(high, [low]), high)
 
 
+def test_cnn_backbone_loads_a_local_weights_file(tmp_path):
+    import timm
+
+    ref = timm.create_model("resnet18", pretrained=False)
+    with torch.no_grad():
+        ref.conv1.weight.fill_(0.5)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    bb = CNNBackbone("resnet18", str(tmp_path / "r18.pth"))
+    assert bb.weights_source == f"file:{tmp_path / 'r18.pth'}" and bool((bb.net.conv1.weight == 0.5).all())
+
+
 def test_cnn_backbone_strides_dims_layers_and_frozen_bn():
     torch.manual_seed(0)
     bb = CNNBackbone("resnet18", "none", output_stride=8, freeze_blocks=1)
@@ -91,6 +102,10 @@ def test_wsfcn_gates_zero_equal_the_baseline_and_vit_only_modules_refuse_a_cnn()
     ws = build_method(
         load_config(None, [*TINY, "--method.name", "wsfcn", "--method.feature_fusion.layers", "[1]"]), SPEC
     )
+    torch.manual_seed(0)
+    off = build_method(load_config(None, [*TINY, "--method.name", "wsfcn", "--method.modules", "[]"]), SPEC)
+    sa, sb = base.state_dict(), off.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     ws.load_state_dict(base.state_dict(), strict=False)
     x = _batch()["image"]
     base.eval(), ws.eval()

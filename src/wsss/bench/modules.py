@@ -23,11 +23,20 @@ log = logging.getLogger("wsss")
 
 
 def variants(config: str, overrides: list[str]) -> list[tuple[str, list[str]]]:
-    """[(label, extra overrides)]: the recipe itself, then one row per module with that module off."""
+    """[(label, extra overrides)]: the recipe itself, then one row per module with that module off.
+
+    A module another listed module needs (RCA's region memory) has no row of its own: switching it off
+    switches its dependents off too, which the recipe's base method (all modules off) already shows.
+    """
+    from wsss.registry import MODULES
+
     cfg = load_config(config, overrides)
     mods = list(getattr(cfg.method, "modules", ()))
+    needed = {d for m in mods for d in MODULES.get(m).needs}
     rows = [(cfg.method_name, [])]
     for m in mods:
+        if m in needed:
+            continue
         rest = ", ".join(x for x in mods if x != m)
         rows.append((f"{cfg.method_name} -{m}", ["--method.modules", f"[{rest}]"]))
     return rows
