@@ -5,27 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, image_problem, read_mask
+from wsss.data.io import DataError, inspect_image, read_mask
 from wsss.data.voc import classes_for_root, mask_dir, read_cls_labels, voc_root
 
 
 def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
     out = []
-    from PIL import Image
-
     for _name, img, mask, tags in items:
         if not tags and report_untagged:
             out.append(("error", f"{img}: image has no tags"))
         for t in tags:
             if t not in classes.names:
                 out.append(("error", f"{img}: unknown tag '{t}'"))
-        prob = image_problem(img)
+        prob, size = inspect_image(img)
         if prob:
             out.append(prob)
-        if mask is not None and mask.is_file() and not (prob and prob[0] == "error"):
+        if mask is not None and mask.is_file() and size is not None:
             try:
-                with Image.open(img) as im:
-                    size = (im.height, im.width)
                 read_mask(mask, size)
             except DataError as e:
                 out.append(("error", str(e)))

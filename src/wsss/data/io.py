@@ -23,19 +23,28 @@ class DataError(ValueError):
 
 
 def image_problem(path: str | Path) -> tuple[str, str] | None:
-    """Check one image without decoding it twice; returns (severity, message) or None when fine.
+    """Check one image; returns (severity, message) or None when fine.
 
     Severity "error" means the file cannot be used; "warning" means it is converted on read.
     """
+    return inspect_image(path)[0]
+
+
+def inspect_image(path: str | Path) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
+    """(problem as :func:`image_problem` gives it, (H, W) when the file decodes): one open, one decode."""
     path = Path(path)
     if not path.is_file():
-        return "error", f"{path}: image file is missing"
+        return ("error", f"{path}: image file is missing"), None
     try:
         with Image.open(path) as im:
-            mode = im.mode
+            mode, size = im.mode, (im.height, im.width)
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        return "error", f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})"
+        return ("error", f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})"), None
+    return _mode_problem(path, mode), size
+
+
+def _mode_problem(path: Path, mode: str) -> tuple[str, str] | None:
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return "error", f"{path}: {mode} (16/32-bit) image; convert it to 8-bit RGB"
     if mode in ("RGBA", "LA", "PA"):
