@@ -36,13 +36,19 @@ def test_train_writes_run_dir_and_evaluate(tmp_path, tiny_args, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
-# Every module of #4 and #5 stacked. The banks only fill where class probabilities pass enqueue_thre:
-# 0 makes the tiny run write them (and so the RCA aggregation runs on a non-empty bank from step 2).
+# Every module of the five methods stacked (FSR's teacher last: it copies all the others). The banks
+# only fill where class probabilities pass enqueue_thre: 0 makes the tiny run write them (and so the
+# RCA aggregation runs on a non-empty bank from step 2).
 STACK = ["--method.modules", "[cf_bilstm, class_tokens, spatial_contrast, temporal_contrast, region_memory, "
-         "region_contrast, region_aggregation, context_aggregation, feature_fusion]",
+         "region_contrast, region_aggregation, context_aggregation, feature_fusion, ema_teacher, uncertain_masking, "
+         "self_enhancement]",
          "--method.temporal_contrast.enqueue_thre", "0", "--method.temporal_contrast.min_entries", "1",
-         "--method.region_memory.enqueue_thre", "0", "--method.feature_fusion.layers", "[1]"]  # fmt: skip
-BANKS = ("mods.temporal_contrast.bank.count", "mods.region_memory.bank.count")
+         "--method.region_memory.enqueue_thre", "0", "--method.feature_fusion.layers", "[1]",
+         "--method.ema_teacher.out_dim", "64", "--method.ema_teacher.hidden", "32",
+         "--method.ema_teacher.bottleneck", "16", "--method.uncertain_masking.block", "1",
+         "--method.ema_teacher.momentum", "0.9"]  # fmt: skip
+BANKS = ("mods.temporal_contrast.bank.count", "mods.region_memory.bank.count",
+         "mods.ema_teacher.teacher.mods.region_memory.bank.count")  # fmt: skip
 
 
 @pytest.mark.parametrize("modules", [[], STACK], ids=["toco", "all_modules"])
@@ -90,7 +96,7 @@ def test_data_demo_and_check(tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny_args):
     """2 gloo processes x micro-batch 1 == 1 process x 2 accumulated micro-batches of 1, with every
-    pipeline module of #4 and #5 on: the memory banks gathered over ranks equal the accumulated ones."""
+    pipeline module on: memory banks, FSR centres and the EMA teacher equal the accumulated ones."""
     common = ["--config", "configs/demo/toco.yaml", *tiny_args, "--train.max_iters", "2",
               "--method.seg_warmup", "1", "--train.micro_batch", "1", *STACK]  # fmt: skip
     assert main(["train", "--run-dir", str(tmp_path / "one"), *common]) == 0

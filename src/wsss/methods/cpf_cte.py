@@ -75,6 +75,10 @@ def _grid_hook(blk: CFBiLSTM, prefix: int, t: torch.Tensor, hw: tuple[int, int])
     return torch.cat([t[:, :prefix], grid, t[:, prefix + h * w :]], 1)
 
 
+def _append_hook(tok: ClassTokens, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    return tok.append(t)
+
+
 @MODULES.register("class_tokens")
 class ClassTokenModule(PipelineModule):
     """Learnable class tokens: class scores and class-to-patch attention fused with the CAM."""
@@ -101,8 +105,10 @@ class ClassTokenModule(PipelineModule):
 
     def attach(self, backbone) -> None:
         """Append the class tokens after block ``depth - blocks - 1``."""
+        # A partial of a module (not a lambda): deep copies of the host (FSR's EMA teacher) then call
+        # their own copy of the tokens.
         block_hooks(backbone, "class_tokens").setdefault(backbone.depth - self.cfg.blocks - 1, []).append(
-            lambda t, hw: self.tok.append(t)
+            functools.partial(_append_hook, self.tok)
         )
 
     def fuse_cam(self, cam: torch.Tensor, out) -> torch.Tensor:

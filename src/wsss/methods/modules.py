@@ -7,7 +7,7 @@ method section under its own name (``method.cf_bilstm.hidden``). Register with
 ``@MODULES.register("name")`` and give the class a frozen ``Config``.
 
 Order of the hooks in one training step of the host method:
-``attach`` (once, at build) -> backbone forward (each module's ``layers`` / ``attn_layers`` are
+``attach`` then ``finalize`` (once, at build) -> backbone forward (each module's ``layers`` / ``attn_layers`` are
 requested) -> ``refine_features`` on every backbone pass, training and inference, in the order of
 ``method.modules`` -> ``fuse_cam`` on every CAM pass -> ``extend`` (adds entries to the step state, in
 the order of ``method.modules``) -> ``losses`` -> after the optimizer step ``on_step_end``.
@@ -78,6 +78,9 @@ class PipelineModule(nn.Module):
 
     def attach(self, backbone) -> None:
         """Install backbone hooks (called once, after construction)."""
+
+    def finalize(self, host) -> None:
+        """Called once at the end of the host's construction, when every head and module exists."""
 
     def refine_features(self, out) -> None:
         """Refine ``out.tokens`` (B, D, h, w) in place on the BackboneOutput ``out`` (before every head)."""

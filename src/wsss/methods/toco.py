@@ -113,6 +113,8 @@ class ToCo(Method):
             m.attach(backbone)
         self._layers = tuple(dict.fromkeys((self.aux_layer, *(i for m in self.mods.values() for i in m.layers))))
         self._attn = tuple(dict.fromkeys(i for m in self.mods.values() for i in m.attn_layers))
+        for m in self.mods.values():
+            m.finalize(self)
 
     def _encode(self, x: torch.Tensor, attn: bool = True):
         """Backbone pass with the blocks (and, with ``attn``, attention maps) the CAM heads and modules

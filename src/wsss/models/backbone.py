@@ -99,6 +99,7 @@ class ViTBackbone(nn.Module):
         self.depth = len(self.vit.blocks)
         self.dims: list[int] = [self.embed_dim] * self.depth  # channels of each block's map in ``layers``
         self.num_prefix = self.vit.num_prefix_tokens
+        self.num_heads: int = self.vit.blocks[0].attn.num_heads
         ps = self.vit.patch_embed.patch_size
         self.patch_size: int = ps[0] if isinstance(ps, (tuple, list)) else ps
         if freeze_blocks > 0:
