@@ -201,7 +201,7 @@ def cmd_bench(args, extra: list[str]) -> int:
     if args.bench_cmd == "modules":
         from wsss.bench.modules import bench_modules
 
-        bench_modules(args.config, args.out, extra, args.data)
+        bench_modules(args.config, args.out, extra, args.data, ablate=not args.no_ablation)
         return 0
     from wsss.bench.step import bench_step
     from wsss.config import load_config
@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm = bsub.add_parser("modules", help="train each recipe and each with one module off; mIoU table")
     bm.add_argument("--config", action="append", required=True, help="recipe (repeat for several)")
     bm.add_argument("--out", default="runs/bench_modules")
+    bm.add_argument("--no-ablation", action="store_true", help="only the recipes themselves (e.g. stacks)")
     bm.add_argument("--data", default="", help="demo data directory (generated when missing)")
     b.set_defaults(fn=cmd_bench)
     return p

@@ -194,10 +194,13 @@ def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args,
     "config,extra,loss",
     [("rca", ["--method.region_memory.enqueue_thre", "0"], "rca_sc"),
      ("wsfcn", ["--model.backbone", "resnet18", "--model.aux_layer", "-2", "--method.feature_fusion.layers", "[1]"],
-      "seg")],
-    ids=["rca_vit", "wsfcn_resnet18"],
+      "seg"),
+     ("fsr", ["--method.uncertain_masking.block", "1"], "fsr_patch"),
+     ("stack_lstm_mask_agg", ["--method.region_memory.enqueue_thre", "0", "--method.uncertain_masking.block", "1"],
+      "fsr_patch")],
+    ids=["rca_vit", "wsfcn_resnet18", "fsr", "stack"],
 )  # fmt: skip
-def test_demo_recipes_of_rca_and_wsfcn_train_and_evaluate(tmp_path, tiny_args, config, extra, loss):
+def test_demo_recipes_of_rca_wsfcn_fsr_and_a_stack_train_and_evaluate(tmp_path, tiny_args, config, extra, loss):
     run = tmp_path / config
     assert main(["train", "--config", f"configs/demo/{config}.yaml", "--run-dir", str(run), *tiny_args,
                  "--train.max_iters", "3", "--method.seg_warmup", "1", *extra]) == 0  # fmt: skip

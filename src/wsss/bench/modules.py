@@ -22,27 +22,32 @@ from wsss.demo import ensure_demo_data, fmt_miou, train_row
 log = logging.getLogger("wsss")
 
 
-def variants(config: str, overrides: list[str]) -> list[tuple[str, list[str]]]:
-    """[(label, extra overrides)]: the recipe itself, then one row per module with that module off.
+def variants(config: str, overrides: list[str], ablate: bool = True) -> list[tuple[str, list[str]]]:
+    """[(label, extra overrides)]: the recipe itself, then (``ablate``) one row per module with that module off.
+
+    The recipe's row is labelled with its method's name when it runs that method's own modules, else
+    with the config file's stem (a stack of modules from several methods).
 
     A module another listed module needs (RCA's region memory) has no row of its own: switching it off
     switches its dependents off too, which the recipe's base method (all modules off) already shows.
     """
-    from wsss.registry import MODULES
+    from wsss.registry import METHODS, MODULES
 
     cfg = load_config(config, overrides)
     mods = list(getattr(cfg.method, "modules", ()))
     needed = {d for m in mods for d in MODULES.get(m).needs}
-    rows = [(cfg.method_name, [])]
-    for m in mods:
+    own = list(getattr(METHODS.get(cfg.method_name).Config(), "modules", ()))
+    name = cfg.method_name if mods == own else Path(config).stem
+    rows = [(name, [])]
+    for m in mods if ablate else ():
         if m in needed:
             continue
         rest = ", ".join(x for x in mods if x != m)
-        rows.append((f"{cfg.method_name} -{m}", ["--method.modules", f"[{rest}]"]))
+        rows.append((f"{name} -{m}", ["--method.modules", f"[{rest}]"]))
     return rows
 
 
-def bench_modules(configs: list[str], out: str, overrides: list[str], data: str = "") -> dict:
+def bench_modules(configs: list[str], out: str, overrides: list[str], data: str = "", ablate: bool = True) -> dict:
     """Train and score every variant of every recipe in ``configs``; returns the summary dict."""
     out_dir = Path(out)
     if data:
@@ -50,7 +55,7 @@ def bench_modules(configs: list[str], out: str, overrides: list[str], data: str 
         overrides = ["--data.root", data, *overrides]
     rows, t0 = {}, time.time()
     for config in configs:
-        for label, extra in variants(config, overrides):
+        for label, extra in variants(config, overrides, ablate):
             if label in rows:
                 continue
             cfg = load_config(config, [*overrides, *extra])

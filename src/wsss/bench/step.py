@@ -60,6 +60,7 @@ def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        method.on_step_end(it)  # EMA teachers, memory-bank writes: part of every training step
 
     def bare():
         method.backbone(batch["image"]).tokens.float().mean().backward()
