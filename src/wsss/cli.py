@@ -187,6 +187,18 @@ def cmd_list(args, extra: list[str]) -> int:
         print("timm CNNs usable as model.backbone (arch cnn; output stride via model.output_stride):")
         print("\n".join(timm.list_models(["resnet*", "wide_resnet*", "resnext*"])))
         return 0
+    if args.what == "modules":
+        from wsss.methods.modules import describe_modules
+
+        rows = describe_modules()
+        cols = ("name", "method", "losses", "warmup", "needs", "uses")
+        width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols[:-1]}
+        print("  ".join(c.ljust(width.get(c, 0)) for c in cols))
+        for r in rows:
+            uses = r["uses"] + ("; ViT only" if r["vit_only"] else "")
+            print("  ".join(r[c].ljust(width[c]) for c in cols[:-1]) + "  " + uses)
+        print("\nA module is configured under its name (method.<name>.<key>) and switched on by method.modules.")
+        return 0
     reg = {"methods": METHODS, "modules": MODULES, "datasets": DATASETS}[args.what]
     for name in reg.names():
         obj = reg.get(name)

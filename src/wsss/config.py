@@ -276,7 +276,9 @@ def resolve(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config key {e.args[0]}") from None
     method_cfg = build_dataclass(config_cls, method_sec, "method")
     base = build_dataclass(RunConfig, data, "")
-    return dataclasses.replace(base, method_name=name, method=method_cfg)
+    cfg = dataclasses.replace(base, method_name=name, method=method_cfg)
+    method_cls.validate(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -136,5 +136,30 @@ def test_teacher_copies_other_modules_with_their_own_hooks():
 def test_incompatible_stacks_are_refused():
     with pytest.raises(ConfigError, match="self_enhancement needs the ema_teacher module"):
         load_config(None, ["--method.modules", "[self_enhancement]"])
-    with pytest.raises(ConfigError, match="uncertain_masking masks ViT patch embeddings; CNNBackbone has none"):
+    with pytest.raises(ConfigError, match="uncertain_masking needs a ViT backbone.*resnet18 is a CNN"):
         _build("--model.backbone", "resnet18", "--model.aux_layer", "-2")
+
+
+def test_modules_are_described_and_vit_only_stacks_are_refused_at_config_time():
+    from wsss.methods.modules import describe_modules
+
+    rows = {r["name"]: r for r in describe_modules()}
+    assert rows["uncertain_masking"]["method"] == "fsr" and rows["uncertain_masking"]["losses"] == "fsr_patch"
+    assert rows["uncertain_masking"]["needs"] == "ema_teacher" and rows["uncertain_masking"]["vit_only"]
+    assert rows["uncertain_masking"]["warmup"] == "random_iters=4000"
+    assert (
+        rows["region_contrast"]["needs"] == "region_memory"
+        and rows["spatial_contrast"]["losses"] == "sc_patch, sc_class"
+    )
+    for name, cls_loss in (("fsr", ("fsr_patch", "fsr_class")), ("rca", ("rca_sc",)), ("stcl", ("sc_patch", "mem"))):
+        # every loss a recipe's modules declare shows up by name in one training step's logs
+        extra = ["--method.region_memory.enqueue_thre", "0"] if name == "rca" else []
+        m = _build(*extra, name=name)
+        logs = m.train_step(_batch(), 1).logs
+        assert set(cls_loss) <= set(logs), (name, logs.keys())
+    with pytest.raises(ConfigError, match="cf_bilstm, uncertain_masking need a ViT backbone.*resnet50 is a CNN"):
+        load_config(
+            None, ["--model.backbone", "resnet50", "--method.modules", "[cf_bilstm, ema_teacher, uncertain_masking]"]
+        )
+    with pytest.raises(ConfigError, match="region_memory listed more than once"):
+        load_config(None, ["--method.modules", "[region_memory, region_memory]"])

@@ -1,5 +1,7 @@
 """WS-FCN mechanisms (context aggregation, semantic fusion) and the CNN backbone behind the ViT interface."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -113,5 +115,10 @@ def test_wsfcn_gates_zero_equal_the_baseline_and_vit_only_modules_refuse_a_cnn()
     with torch.no_grad():
         ws.mods["context_aggregation"].block.gate.fill_(0.5)
     assert not torch.equal(base.predict_seg(x), ws.predict_seg(x))
+    with pytest.raises(ConfigError, match="cf_bilstm, class_tokens need a ViT backbone.*resnet18 is a CNN"):
+        load_config(None, [*TINY, *CNN, "--method.name", "cpf_cte"])
+    # a config built around the check (e.g. by code) still fails at build, with the module's own reason
+    vit = load_config(None, [*TINY, "--method.name", "cpf_cte"])
+    cnn = dataclasses.replace(vit, model=load_config(None, [*TINY, *CNN]).model)
     with pytest.raises(ConfigError, match="cf_bilstm hooks into ViT blocks; CNNBackbone has none"):
-        build_method(load_config(None, [*TINY, *CNN, "--method.name", "cpf_cte"]), SPEC)
+        build_method(cnn, SPEC)

@@ -45,6 +45,10 @@ class Method(nn.Module):
         """The Config dataclass for a method section ``section`` (a dict); methods with modules extend it."""
         return cls.Config
 
+    @classmethod
+    def validate(cls, run_cfg) -> None:
+        """Raise ConfigError when the whole run config (e.g. method and backbone) does not fit together."""
+
     def __init__(self, cfg, classes: ClassSpec, backbone: nn.Module, model_cfg) -> None:
         super().__init__()
         self.cfg = cfg

@@ -45,6 +45,9 @@ FUSIONS = ("product", "mean", "none")
 class CFBiLSTMModule(PipelineModule):
     """CF-BiLSTM context fusion of the patch grid after chosen backbone blocks."""
 
+    vit_only = True
+    uses = "ViT block hooks"
+
     @dataclass(frozen=True)
     class Config:
         """Where the BiLSTM context is fused in, and its size."""
@@ -82,6 +85,10 @@ def _append_hook(tok: ClassTokens, t: torch.Tensor, hw: tuple[int, int]) -> torc
 @MODULES.register("class_tokens")
 class ClassTokenModule(PipelineModule):
     """Learnable class tokens: class scores and class-to-patch attention fused with the CAM."""
+
+    vit_only = True
+    loss_names = ("ctk_cls",)
+    uses = "ViT block hooks; attention maps of the last block"
 
     @dataclass(frozen=True)
     class Config:

@@ -77,6 +77,8 @@ def _mask_hook(token: torch.Tensor, mask: torch.Tensor, t: torch.Tensor) -> torc
 class EMATeacher(PipelineModule):
     """FSR's EMA teacher of the whole network, second view, aggregation token and DINO head."""
 
+    uses = "an EMA teacher: a full copy of the network (checkpointed)"
+
     @dataclass(frozen=True)
     class Config:
         """Teacher momentum schedule, head sizes, distillation temperatures, second-view augmentation."""
@@ -186,6 +188,11 @@ class EMATeacher(PipelineModule):
 class UncertainMasking(PipelineModule):
     """Mask the uncertain tokens of the second view; the student recovers the teacher's features there."""
 
+    vit_only = True
+    loss_names = ("fsr_patch",)
+    warmup_key = "random_iters"
+    uses = "the teacher; ViT patch embeddings"
+
     needs = ("ema_teacher",)
     teacher_views = (2,)
 
@@ -240,6 +247,9 @@ class UncertainMasking(PipelineModule):
 @MODULES.register("self_enhancement")
 class SelfEnhancement(PipelineModule):
     """Keep the (masked) second view's aggregated token consistent with the teacher's of the training crop."""
+
+    loss_names = ("fsr_class",)
+    uses = "the teacher"
 
     needs = ("ema_teacher",)
     teacher_views = (1,)

@@ -67,7 +67,12 @@ class PipelineModule(nn.Module):
     """
 
     Config: ClassVar[type]
-    needs: ClassVar[tuple[str, ...]] = ()  # modules that must be listed with this one
+    needs: ClassVar[tuple[str, ...]] = ()  # modules that must be listed (before) with this one
+    vit_only: ClassVar[bool] = False  # hooks into ViT blocks or patch embeddings: refused with a CNN
+    loss_names: ClassVar[tuple[str, ...]] = ()  # names its losses get in the logs and metrics.jsonl
+    warmup_key: ClassVar[str] = ""  # its config key holding a warm-up iteration, if any
+    uses: ClassVar[str] = ""  # what else it reads or keeps (attention maps, a bank, a teacher), for `wsss list`
+    teacher_views: ClassVar[tuple[int, ...]] = ()  # FSR teacher passes it reads: 1 training crop, 2 second view
     layers: tuple[int, ...] = ()  # backbone blocks whose pre-norm maps the module needs in ``StepState.out``
     attn_layers: tuple[int, ...] = ()  # backbone blocks whose attention maps it needs
 
@@ -110,6 +115,27 @@ def block_hooks(backbone, module: str) -> dict:
     return hooks
 
 
+def check_backbone(names: list[str], model_cfg) -> None:
+    """Raise ConfigError when a ViT-only module is listed with a CNN backbone (``model.arch``/``backbone``)."""
+    from wsss.config import ConfigError
+
+    vit_only = [n for n in names if MODULES.get(n).vit_only]
+    if not vit_only:
+        return
+    arch = model_cfg.arch
+    if arch == "auto":
+        from wsss.models.cnn import is_vit
+
+        try:
+            arch = "vit" if is_vit(model_cfg.backbone) else "cnn"
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if arch != "vit":
+        verb = "needs" if len(vit_only) == 1 else "need"
+        raise ConfigError(f"method.modules: {', '.join(vit_only)} {verb} a ViT backbone (they hook into its blocks or "
+                          f"patch embeddings); model.backbone {model_cfg.backbone} is a CNN")  # fmt: skip
+
+
 def build_modules(names: tuple[str, ...], method_cfg, host) -> nn.ModuleDict:
     """Instantiate the modules ``names`` with their config sections from ``method_cfg``."""
     mods = nn.ModuleDict()
@@ -121,9 +147,12 @@ def build_modules(names: tuple[str, ...], method_cfg, host) -> nn.ModuleDict:
 
 
 def check_needs(names: list[str]) -> None:
-    """Raise ConfigError when a listed module needs a module that is not listed (or listed after it)."""
+    """Raise ConfigError when a module is listed twice, or needs a module that is not listed before it."""
     from wsss.config import ConfigError
 
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"method.modules: {', '.join(dup)} listed more than once")
     for i, n in enumerate(names):
         for d in MODULES.get(n).needs:
             if d not in names[:i]:
@@ -150,3 +179,23 @@ def config_with_modules(base: type, sections: tuple[str, ...]) -> type:
     cls.__qualname__ = base.__qualname__
     cls.__doc__ = base.__doc__
     return cls
+
+
+def describe_modules() -> list[dict]:
+    """One row per registered module: name, method(s) whose recipe switches it on, losses, warm-up key and
+    default, needed modules, what else it uses; for ``wsss list modules``."""
+    from wsss.registry import METHODS
+
+    owners: dict[str, list[str]] = {}
+    for m in METHODS.names():
+        for n in getattr(METHODS.get(m).Config(), "modules", ()) or ():
+            owners.setdefault(n, []).append(m)
+    rows = []
+    for n in MODULES.names():
+        cls = MODULES.get(n)
+        warm = f"{cls.warmup_key}={getattr(cls.Config(), cls.warmup_key)}" if cls.warmup_key else "-"
+        rows.append({"name": n, "method": ", ".join(owners.get(n, [])) or "-",
+                     "losses": ", ".join(cls.loss_names) or "-", "warmup": warm,
+                     "needs": ", ".join(cls.needs) or "-", "uses": cls.uses or "-", "vit_only": cls.vit_only,
+                     "doc": (cls.__doc__ or "").strip().splitlines()[0]})  # fmt: skip
+    return rows

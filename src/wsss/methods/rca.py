@@ -46,6 +46,8 @@ PRE_AGGREGATION = "pre_aggregation"  # BackboneOutput.maps key of the map before
 class RegionMemory(PipelineModule):
     """Per-class bank of region features from confident CAM regions of earlier images."""
 
+    uses = "a per-class bank of region features (checkpointed)"
+
     @dataclass(frozen=True)
     class Config:
         """Bank size and update rule."""
@@ -99,6 +101,10 @@ def mixed_memory_nce(z, labels, partner, lam, bank_z, bank_labels, temp):
 class RegionContrast(PipelineModule):
     """Semantic contrast of the step's region features against the region memory."""
 
+    loss_names = ("rca_sc",)
+    warmup_key = "warmup"
+    uses = "the region bank"
+
     needs = ("region_memory",)
 
     @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class RegionContrast(PipelineModule):
 @MODULES.register("region_aggregation")
 class RegionAggregation(PipelineModule):
     """Tokens attend over the region memory; the context is added back through a zero-initialised gate."""
+
+    uses = "the region bank, at training and inference"
 
     needs = ("region_memory",)
 

@@ -43,6 +43,9 @@ from wsss.registry import METHODS, MODULES
 class SpatialContrast(PipelineModule):
     """Patch-level and class-level supervised contrast of the final tokens."""
 
+    loss_names = ("sc_patch", "sc_class")
+    uses = "class tokens when class_tokens is on"
+
     @dataclass(frozen=True)
     class Config:
         """Weights, temperature, token budget and embedding width."""
@@ -88,6 +91,10 @@ class SpatialContrast(PipelineModule):
 @MODULES.register("temporal_contrast")
 class TemporalContrast(PipelineModule):
     """Adaptive memory contrast of region embeddings against a per-class bank of earlier images."""
+
+    loss_names = ("mem",)
+    warmup_key = "warmup"
+    uses = "a per-class memory bank (checkpointed)"
 
     @dataclass(frozen=True)
     class Config:

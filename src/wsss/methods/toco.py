@@ -46,7 +46,7 @@ from wsss.losses.energy import dense_energy_loss
 from wsss.losses.segmentation import balanced_seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
-from wsss.methods.modules import StepState, build_modules, check_needs, config_with_modules
+from wsss.methods.modules import StepState, build_modules, check_backbone, check_needs, config_with_modules
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
@@ -97,6 +97,11 @@ class ToCo(Method):
         except KeyError as e:
             raise ConfigError(f"method.modules: {e.args[0]}") from None
         return config_with_modules(cls.Config, tuple(mods + extra))
+
+    @classmethod
+    def validate(cls, run_cfg) -> None:
+        """Modules that need a ViT are refused with a CNN backbone, at config time."""
+        check_backbone(list(run_cfg.method.modules), run_cfg.model)
 
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)

@@ -56,6 +56,8 @@ class ContextAggregationModule(PipelineModule):
 class FeatureFusionModule(PipelineModule):
     """WS-FCN's semantically consistent bottom-up fusion of low-level maps into the final map."""
 
+    uses = "low-level maps of backbone layers"
+
     @dataclass(frozen=True)
     class Config:
         """Low-level layers (backbone block / stage indices), projection width, gate start."""
