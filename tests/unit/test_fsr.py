@@ -163,3 +163,22 @@ def test_modules_are_described_and_vit_only_stacks_are_refused_at_config_time():
         )
     with pytest.raises(ConfigError, match="region_memory listed more than once"):
         load_config(None, ["--method.modules", "[region_memory, region_memory]"])
+
+
+def test_predict_with_teacher_uses_the_teacher():
+    m = _build("--method.ema_teacher.predict_with", "teacher")
+    x = _batch()["image"]
+    m.eval()
+    t = m.mods["ema_teacher"].teacher
+    assert torch.equal(m.predict_seg(x), t.predict_seg(x))
+    with torch.no_grad():  # move only the student: predictions follow the teacher
+        m.seg_head.cls.weight.add_(1.0)
+    assert torch.equal(m.predict_seg(x), t.predict_seg(x))
+    s = _build()
+    s.eval()
+    ref = s.predict_seg(x)
+    with torch.no_grad():
+        s.seg_head.cls.weight.add_(1.0)
+    assert not torch.equal(s.predict_seg(x), ref)  # default: the student predicts
+    with pytest.raises(ConfigError, match="predict_with must be student or teacher"):
+        _build("--method.ema_teacher.predict_with", "ema")

@@ -5,7 +5,8 @@ Facts from FSR's public code (seed-methods.md, appendix A) and where we differ:
 - ``ema_teacher``: a full copy of the network (backbone, heads and every other module, built after all
   of them), no gradient, always in eval mode, updated after each optimizer step by EMA with momentum
   on a cosine schedule from ``momentum`` 0.9995 to ``momentum_end`` 1.0 over ``momentum_iters``; its
-  buffers (memory banks) are copied. It is a buffer-and-parameter subtree of the method, so it is saved
+  buffers (memory banks) are copied. ``predict_with: teacher`` makes evaluation and prediction use the
+  teacher, as FSR does (default: the student). It is a buffer-and-parameter subtree of the method, so it is saved
   and resumed with it; its parameters never reach the optimizer or DDP's gradient sync. The module
   also cuts the second view on the device (:func:`wsss.data.views.random_resized_view`: FSR's
   RandomResizedCrop(0.32-1) + flip + colour jitter, taken from the training crop instead of the source
@@ -97,9 +98,12 @@ class EMATeacher(PipelineModule):
         center_momentum: float = 0.9
         view_scale: tuple[float, float] = (0.32, 1.0)
         view_jitter: float = 0.4
+        predict_with: str = "student"  # student | teacher: the network evaluation and `wsss predict` use
 
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
+        if cfg.predict_with not in ("student", "teacher"):
+            raise ConfigError(f"method.ema_teacher.predict_with must be student or teacher, got '{cfg.predict_with}'")
         bb = host.backbone
         D = bb.embed_dim
         heads = getattr(bb, "num_heads", 0) or max(1, D // 64)
@@ -118,6 +122,10 @@ class EMATeacher(PipelineModule):
         teacher.requires_grad_(False)
         self.teacher = teacher.eval()
         self.teacher_views = sorted({v for m in host.mods.values() for v in getattr(m, "teacher_views", ())})
+
+    def predictor(self):
+        """The teacher when ``predict_with: teacher`` (FSR evaluates and ships its teacher)."""
+        return self.teacher if self.cfg.predict_with == "teacher" else None
 
     def train(self, mode: bool = True) -> EMATeacher:
         """Train mode for the student parts; the teacher stays in eval mode (no drop-path)."""

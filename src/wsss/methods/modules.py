@@ -87,6 +87,10 @@ class PipelineModule(nn.Module):
     def finalize(self, host) -> None:
         """Called once at the end of the host's construction, when every head and module exists."""
 
+    def predictor(self):
+        """Another network (same class as the host) to predict with at evaluation, or None (the host)."""
+        return None
+
     def refine_features(self, out) -> None:
         """Refine ``out.tokens`` (B, D, h, w) in place on the BackboneOutput ``out`` (before every head)."""
 

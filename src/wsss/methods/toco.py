@@ -229,8 +229,10 @@ class ToCo(Method):
 
     @torch.no_grad()
     def predict_cams(self, images: torch.Tensor, tags: torch.Tensor | None = None) -> torch.Tensor:
-        """Multi-scale flipped final-layer CAMs (B, C, H, W) in [0, 1]."""
-        return multi_scale_cam(self._cams, images, self.cfg.cam_scales, self.cfg.cam_flip)[0]
+        """Multi-scale flipped final-layer CAMs (B, C, H, W) in [0, 1] (of the network a module may name for
+        inference, e.g. FSR's teacher)."""
+        net = self._predictor()
+        return multi_scale_cam(net._cams, images, self.cfg.cam_scales, self.cfg.cam_flip)[0]
 
     @torch.no_grad()
     def pseudo_labels(self, images, tags, valid=None, cams=None) -> torch.Tensor:
@@ -239,4 +241,13 @@ class ToCo(Method):
 
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""
-        return upsample(self.seg_head(self._encode(images, attn=False).tokens), images.shape[-2:])
+        net = self._predictor()
+        return upsample(net.seg_head(net._encode(images, attn=False).tokens), images.shape[-2:])
+
+    def _predictor(self) -> ToCo:
+        """The network that predicts: this one, unless a module hands over another (FSR's EMA teacher)."""
+        for m in self.mods.values():
+            net = m.predictor()
+            if net is not None:
+                return net
+        return self
