@@ -41,3 +41,27 @@ def test_crops_are_cut_at_sampled_centres_and_flagged_by_roi():
         assert torch.equal(crops[k, 0], window)  # exact pixels, zero outside the image
         fg = roi[0, ys, xs].sum().item() / 16  # mean ROI value of the box
         assert bool(flags[0, k]) == (fg > 0.2)
+
+
+def test_ctc_second_view_flip_or_independent_random_resized_crop():
+    from tests.conftest import TINY
+    from tests.methods.test_methods import SPEC, _batch
+    from wsss.build import build_method
+    from wsss.config import load_config
+    from wsss.data.views import random_resized_view
+    from wsss.methods.base import sample_generator
+
+    batch = {**_batch(), "index": torch.tensor([3, 5])}
+    for view in ("flip", "random"):
+        torch.manual_seed(0)
+        m = build_method(load_config(None, [*TINY, "--method.ctc_view", view]), SPEC)
+        seen = []
+        enc = m._encode
+        m._encode = lambda x, attn=True, seen=seen, enc=enc: seen.append(x) or enc(x, attn)  # noqa: E731
+        m.train_step(batch, 0)
+        x = batch["image"]
+        if view == "flip":
+            assert torch.equal(seen[1], x.flip(-1))
+        else:
+            expect = random_resized_view(x, sample_generator(batch, 0, x.device, stream=1)).image
+            assert torch.equal(seen[1], expect) and not torch.equal(seen[1], x.flip(-1))

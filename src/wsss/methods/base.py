@@ -101,12 +101,14 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     )
 
 
-def sample_generator(batch: dict, it: int, device: torch.device) -> torch.Generator | None:
+def sample_generator(batch: dict, it: int, device: torch.device, stream: int = 0) -> torch.Generator | None:
     """A generator seeded by (iteration, the batch's sample indices): random choices inside a step then
-    depend on which images are in the micro-batch, not on the process count or accumulation. None
+    depend on which images are in the micro-batch, not on the process count or accumulation; ``stream``
+    k > 0 gives an independent generator for another consumer of the same step. None
     (global RNG) when the batch carries no ``index``."""
     if "index" not in batch:
         return None
     idx = [int(i) for i in batch["index"]]
-    seed = hash((it, *idx)) % (2**31)  # tuples of ints hash the same in every process
+    key = (it, *idx) if stream == 0 else (stream, it, *idx)
+    seed = hash(key) % (2**31)  # tuples of ints hash the same in every process
     return torch.Generator(device=device).manual_seed(seed)

@@ -17,8 +17,9 @@ Same losses and settings as the official code, computed with less work:
   cut by one ``roi_align``;
 - PAR propagates only each image's present classes, and is skipped while the seg loss is off.
 
-One difference in data: the official second global view is an independent random resized crop with
-colour jitter, blur and solarisation; ours is the flipped training crop at the same size.
+The CTC's second global view: by default the flipped training crop (``ctc_view: flip``, reused as a
+CAM pass); ``ctc_view: random`` cuts it as the official code does, a random resized crop with flip
+and colour jitter (no blur or solarisation), at one more forward.
 The dense-CRF energy regulariser (``w_reg``) is computed exactly in torch on a coarser grid instead of
 the official C++ permutohedral lattice at half size (see ``wsss.losses.energy``).
 
@@ -40,6 +41,7 @@ from wsss.cam.cam import multi_scale_cam
 from wsss.cam.labels import cam_to_label, refine_pseudo_labels
 from wsss.config import ConfigError
 from wsss.data.transforms import denormalize
+from wsss.data.views import random_resized_view
 from wsss.losses.class_token_contrast import class_token_contrast, roi_from_cam, sample_local_crops
 from wsss.losses.classification import multilabel_loss
 from wsss.losses.energy import dense_energy_loss
@@ -79,6 +81,9 @@ class ToCo(Method):
         ctc_local_crops: int = 8
         ctc_local_size: int = 96
         ctc_global_scale: float = 1.0  # second global view: the flipped crop at this scale
+        # flip: the flipped crop (doubles as a CAM pass); random: as the official code, an independent random
+        # resized crop (area 0.32-1) with flip and colour jitter (one more forward)
+        ctc_view: str = "flip"
         ctc_neg_ratio: float = 0.2
         ctc_out_dim: int = 1024
         # pipeline modules stacked on this recipe, in order (see wsss.methods.modules; `wsss list modules`)
@@ -110,6 +115,8 @@ class ToCo(Method):
         self.aux_layer = model_cfg.aux_layer % backbone.depth
         self.aux_head = CAMHead(backbone.dims[self.aux_layer], classes.num_fg)
         self.seg_head = LargeFOVHead(D, model_cfg.seg_hidden, classes.K)
+        if cfg.ctc_view not in ("flip", "random"):
+            raise ConfigError(f"config key method.ctc_view must be flip or random, got '{cfg.ctc_view}'")
         if cfg.w_ctc > 0:
             self.proj = ProjectionHead(D, cfg.ctc_out_dim)
             self.proj_t = copy.deepcopy(self.proj).requires_grad_(False)
@@ -178,9 +185,14 @@ class ToCo(Method):
         base, base_flip = {1.0: self._cam_pair(out)}, {}
         if c.w_ctc > 0:
             s2 = c.ctc_global_scale
-            x2 = x.flip(-1) if s2 == 1.0 else F.interpolate(x.flip(-1), scale_factor=s2, mode="bilinear")
+            if c.ctc_view == "random":
+                x2 = random_resized_view(x, sample_generator(batch, it, x.device, stream=1)).image
+            else:
+                x2 = x.flip(-1)
+            x2 = x2 if s2 == 1.0 else F.interpolate(x2, scale_factor=s2, mode="bilinear")
             out2 = self._encode(x2)
-            base_flip[s2] = self._cam_pair(out2)
+            if c.ctc_view == "flip":
+                base_flip[s2] = self._cam_pair(out2)
             glob = torch.stack([self._class_token(out), self._class_token(out2)], 1)  # (B, 2 views, D)
         cam, aux_cam = multi_scale_cam(self._cams, x, c.cam_scales, c.cam_flip, base=base, base_flip=base_flip)
         h, w = feat.shape[-2:]
