@@ -13,6 +13,7 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     return (
         p.ndim <= 1
         or name.endswith(".bias")
+        or name.endswith(".token")  # FSR's aggregation token (its cls_token), as the official code
         or any(k in name for k in ("pos_embed", "cls_token", "reg_token", "mask_token"))
     )
 
