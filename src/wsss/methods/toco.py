@@ -23,7 +23,7 @@ and colour jitter (no blur or solarisation), at one more forward.
 The dense-CRF energy regulariser (``w_reg``) is computed exactly in torch on a coarser grid instead of
 the official C++ permutohedral lattice at half size (see ``wsss.losses.energy``).
 
-Class-token contrast (CTC): two global views (the training crop, and its flip at ``ctc_global_scale``)
+Class-token contrast (CTC): two global views (the training crop, and the second view at ``ctc_global_scale``)
 and ``ctc_local_crops`` local crops from non-confident regions go through the backbone; their class
 tokens are projected (student projector, and an EMA teacher projector for the global views) and
 contrasted (see ``wsss.losses.class_token_contrast``).
