@@ -31,16 +31,10 @@ def model_config(cfg: RunConfig):
 def build_method(cfg: RunConfig, classes: ClassSpec):
     """Backbone + the configured method."""
     mcfg = model_config(cfg)
-    arch = mcfg.arch
-    if arch == "auto":
-        from wsss.models.cnn import is_vit
+    from wsss.models.cnn import resolve_arch
 
-        try:
-            arch = "vit" if is_vit(mcfg.backbone) else "cnn"
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     try:
-        builder = BACKBONES.get(arch)
+        builder = BACKBONES.get(resolve_arch(mcfg))
     except KeyError as e:
         raise ConfigError(f"config key 'model.arch': {e.args[0]}") from None
     backbone = builder(mcfg)

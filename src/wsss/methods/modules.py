@@ -126,15 +126,9 @@ def check_backbone(names: list[str], model_cfg) -> None:
     vit_only = [n for n in names if MODULES.get(n).vit_only]
     if not vit_only:
         return
-    arch = model_cfg.arch
-    if arch == "auto":
-        from wsss.models.cnn import is_vit
+    from wsss.models.cnn import resolve_arch
 
-        try:
-            arch = "vit" if is_vit(model_cfg.backbone) else "cnn"
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if arch != "vit":
+    if resolve_arch(model_cfg) != "vit":
         verb = "needs" if len(vit_only) == 1 else "need"
         raise ConfigError(f"method.modules: {', '.join(vit_only)} {verb} a ViT backbone (they hook into its blocks or "
                           f"patch embeddings); model.backbone {model_cfg.backbone} is a CNN")  # fmt: skip

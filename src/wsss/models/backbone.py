@@ -57,6 +57,30 @@ def resolve_weights(weights: str) -> tuple[str | None, str]:
     return None, "timm"
 
 
+def create_timm(name: str, weights: str, **kw) -> tuple[nn.Module, str]:
+    """``timm.create_model(name, **kw)`` with weights from a file, timm's download, or none (see
+    :func:`resolve_weights`); an unavailable download falls back to random init with a warning.
+    Returns (model, source label)."""
+    import timm
+
+    file, source = resolve_weights(weights)
+    if file is not None:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kw), source
+    if source != "timm":
+        return timm.create_model(name, pretrained=False, **kw), source
+    try:
+        return timm.create_model(name, pretrained=True, **kw), "timm pretrained"
+    except Exception as e:  # offline, unknown tag, hub error: fall back, loudly
+        log.warning(
+            "could not get pretrained weights for %s (%s: %s); RANDOM INIT. Give a local file with "
+            "model.weights=PATH or WSSS_WEIGHTS=PATH.",
+            name,
+            type(e).__name__,
+            str(e).splitlines()[0][:200],
+        )
+        return timm.create_model(name, pretrained=False, **kw), "none (random init: pretrained weights unavailable)"
+
+
 class ViTBackbone(nn.Module):
     """A timm VisionTransformer used as a patch-token encoder.
 
@@ -72,28 +96,9 @@ class ViTBackbone(nn.Module):
         self, name: str, weights: str = "timm", img_size: int = 224, drop_path: float = 0.0, freeze_blocks: int = 0
     ) -> None:
         super().__init__()
-        import timm
 
-        file, source = resolve_weights(weights)
         kw = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path)
-        if file is not None:
-            self.vit = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kw)
-        elif source == "timm":
-            try:
-                self.vit = timm.create_model(name, pretrained=True, **kw)
-                source = "timm pretrained"
-            except Exception as e:  # offline, unknown tag, hub error: fall back, loudly
-                log.warning(
-                    "could not get pretrained weights for %s (%s: %s); RANDOM INIT. Give a local file with "
-                    "model.weights=PATH or WSSS_WEIGHTS=PATH.",
-                    name,
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200],
-                )
-                self.vit = timm.create_model(name, pretrained=False, **kw)
-                source = "none (random init: pretrained weights unavailable)"
-        else:
-            self.vit = timm.create_model(name, pretrained=False, **kw)
+        self.vit, source = create_timm(name, weights, **kw)
         self.weights_source = source
         self.embed_dim: int = self.vit.embed_dim
         self.depth = len(self.vit.blocks)

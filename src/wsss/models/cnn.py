@@ -16,15 +16,11 @@ the closest it offers.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn as nn
 
-from wsss.models.backbone import BackboneOutput, resolve_weights
+from wsss.models.backbone import BackboneOutput, create_timm
 from wsss.registry import BACKBONES
-
-log = logging.getLogger(__name__)
 
 
 class CNNBackbone(nn.Module):
@@ -42,30 +38,13 @@ class CNNBackbone(nn.Module):
         self, name: str, weights: str = "timm", output_stride: int = 16, freeze_blocks: int = 0, frozen_bn: bool = True
     ) -> None:
         super().__init__()
-        import timm
-
         if output_stride not in (8, 16, 32):
             raise ValueError(f"model.output_stride must be 8, 16 or 32 for a CNN backbone, got {output_stride}")
-        file, source = resolve_weights(weights)
-        n_stages = len(timm.create_model(name, pretrained=False, features_only=True).feature_info)
-        kw = dict(features_only=True, output_stride=output_stride, out_indices=tuple(range(1, n_stages)))
-        if file is not None:
-            self.net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kw)
-        elif source == "timm":
-            try:
-                self.net = timm.create_model(name, pretrained=True, **kw)
-                source = "timm pretrained"
-            except Exception as e:  # offline or hub error: fall back, loudly (as the ViT does)
-                log.warning("could not get pretrained weights for %s (%s); RANDOM INIT. Give model.weights=PATH.",
-                            name, type(e).__name__)  # fmt: skip
-                self.net = timm.create_model(name, pretrained=False, **kw)
-                source = "none (random init: pretrained weights unavailable)"
-        else:
-            self.net = timm.create_model(name, pretrained=False, **kw)
-        self.weights_source = source
+        # All feature levels; the stem's (index 0, stride 2) is dropped in forward and from the lists below.
+        self.net, self.weights_source = create_timm(name, weights, features_only=True, output_stride=output_stride)
         info = self.net.feature_info
-        self.dims: list[int] = list(info.channels())
-        self.strides: list[int] = list(info.reduction())
+        self.dims: list[int] = list(info.channels())[1:]
+        self.strides: list[int] = list(info.reduction())[1:]
         self.depth = len(self.dims)
         self.embed_dim: int = self.dims[-1]
         self.patch_size: int = self.strides[-1]
@@ -73,7 +52,7 @@ class CNNBackbone(nn.Module):
         self.frozen_bn = frozen_bn
         if freeze_blocks > 0:
             # Stem plus the first N stages: the children of the feature net up to the N-th stage module.
-            stages = [n for n in info.module_name()][:freeze_blocks]
+            stages = list(info.module_name())[1 : freeze_blocks + 1]
             for child_name, child in self.net.named_children():
                 child.requires_grad_(False)
                 if child_name == stages[-1].split(".")[0]:
@@ -95,7 +74,7 @@ class CNNBackbone(nn.Module):
         attention maps: asking for them is an error."""
         if attn_layers:
             raise ValueError("a CNN backbone has no attention maps; a module that needs them needs a ViT")
-        feats = self.net(x)
+        feats = self.net(x)[1:]
         want = {i % self.depth for i in layers}
         out_layers = {i: feats[i] for i in want}
         final = feats[-1]
@@ -113,6 +92,19 @@ def is_vit(name: str) -> bool:
     except (KeyError, RuntimeError) as e:
         raise ValueError(f"model.backbone: unknown timm model '{name}'") from e
     return module in ("vision_transformer", "deit", "eva", "beit", "vision_transformer_relpos")
+
+
+def resolve_arch(model_cfg) -> str:
+    """``model.arch`` with ``auto`` resolved from the timm model's family: ``vit`` or ``cnn``; ConfigError
+    for an unknown timm model."""
+    from wsss.config import ConfigError
+
+    if model_cfg.arch != "auto":
+        return model_cfg.arch
+    try:
+        return "vit" if is_vit(model_cfg.backbone) else "cnn"
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @BACKBONES.register("cnn")
