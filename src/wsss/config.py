@@ -101,7 +101,7 @@ class EvalConfig:
     sweep: bool = True  # also report the oracle background-threshold sweep (labelled as such)
     batch_size: int = 1
     split: str = ""  # empty: data.val_split
-    crf: str = "none"  # dense CRF on the seg probabilities: none | dense ([crf] extra) | torch (approximate)
+    crf: str = "none"  # dense CRF on the seg probabilities: none | dense ([crf] extra) | torch (same CRF in torch)
 
 
 @dataclass(frozen=True)

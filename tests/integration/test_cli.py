@@ -208,3 +208,17 @@ def test_demo_recipes_of_rca_wsfcn_fsr_and_a_stack_train_and_evaluate(tmp_path, 
     assert loss in [r for r in steps if "loss" in r][-1]
     assert main(["evaluate", str(run), "--split", "val"]) == 0
     assert json.loads((run / "eval_val.json").read_text())["results"]["seg"]["miou"] >= 0
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_and_resume_under_autocast(tmp_path, tiny_args, amp):
+    """train.amp's path (autocast, fp16 loss scaling with its scaler state checkpointed), run on CPU."""
+    run = _train(tmp_path, amp, tiny_args, "--train.amp", amp, "--stop-at", "2")
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["iter"] == 2 and (ck["scaler"] != {}) == (amp == "fp16")  # the scaler is on for fp16 only
+    assert main(["train", "--resume", str(run)]) == 0
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["iter"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4] and "seg" in steps[-1]
+    assert all(np.isfinite(r["loss"]) for r in steps)

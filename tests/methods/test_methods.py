@@ -49,6 +49,26 @@ def test_two_steps_and_gradients(name):
         assert lab.shape == (1, 40, 44) and set(lab.unique().tolist()) <= {0, 1, 3, 255}
 
 
+@pytest.mark.parametrize("name", METHODS.names())
+def test_two_steps_under_bf16_autocast(name):
+    """The AMP path's dtype handling (bf16 activations, fp32 losses and weights), checked on CPU autocast."""
+    torch.manual_seed(0)
+    over = ["--method.name", name, *TINY]
+    if "seg_warmup" in METHODS.get(name).Config.__dataclass_fields__:
+        over += ["--method.seg_warmup", "0"]
+    m = build_method(load_config(None, over), SPEC)
+    for it in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m.train_step(_batch(), it)
+        assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+        m.zero_grad()
+        out.loss.backward()
+        m.on_step_end(it)
+        grads = [p.grad for p in m.backbone.vit.blocks[0].parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert all(torch.isfinite(torch.tensor(float(v))) for v in out.logs.values())
+
+
 def test_toco_seg_loss_only_after_warmup():
     cfg = load_config(None, TINY + ["--method.seg_warmup", "5"])
     m = build_method(cfg, SPEC)
@@ -78,3 +98,31 @@ def test_toco_ctc_teacher_is_ema_of_student_projector_and_gets_no_gradient():
 def test_toco_ctc_off_has_no_projector():
     m = build_method(load_config(None, TINY + ["--method.w_ctc", "0"]), SPEC)
     assert not hasattr(m, "proj") and "ctc" not in m.train_step(_batch(), 0).logs
+
+
+STACKING = [n for n in METHODS.names() if "modules" in METHODS.get(n).Config.__dataclass_fields__]
+
+
+@pytest.mark.parametrize("name", STACKING)
+def test_one_batched_pass_of_two_views_equals_two_passes(name):
+    """toco runs its two global views as one batch: every module's feature refinement must be per image."""
+    from wsss.models.backbone import split_output
+
+    torch.manual_seed(0)
+    m = build_method(load_config(None, ["--method.name", name, *TINY]), SPEC).eval()
+    for mod in m.mods.values():
+        if hasattr(mod, "bank"):  # a memory that is not empty, so that aggregation over it really runs
+            mod.bank.push(torch.randn(6, mod.bank.feats.shape[-1]), torch.tensor([0, 0, 1, 1, 2, 2]))
+        for p in mod.parameters():  # zero-initialised gates would hide a batch-mixing refinement
+            torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        first, second = split_output(m._encode(x), 2)
+        a, b = m._encode(x[:2]), m._encode(x[2:])
+    close = dict(rtol=1e-4, atol=1e-4)  # fp32 rounding of other matmul shapes; mixing images would be O(1)
+    for got, ref in ((first, a), (second, b)):
+        torch.testing.assert_close(got.tokens, ref.tokens, **close)
+        torch.testing.assert_close(got.prefix, ref.prefix, **close)
+        for k in ref.layers:
+            torch.testing.assert_close(got.layers[k], ref.layers[k], **close)
+    assert not torch.allclose(first.tokens, second.tokens)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
-def minmax_normalize(cam: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-map min-max normalisation of (B, C, H, W) to [0, 1)."""
+def minmax_normalize(cam: torch.Tensor, eps: float = 1e-5, inplace: bool = False) -> torch.Tensor:
+    """Per-map min-max normalisation of (B, C, H, W) to [0, 1) (``inplace``: overwrites ``cam``)."""
     lo = cam.amin(dim=(2, 3), keepdim=True)
-    cam = cam - lo
-    return cam / (cam.amax(dim=(2, 3), keepdim=True) + eps)
+    cam = cam.sub_(lo) if inplace else cam - lo
+    return cam.div_(cam.amax(dim=(2, 3), keepdim=True) + eps)
 
 
 @torch.no_grad()
@@ -52,12 +52,14 @@ def multi_scale_cam(
             if flip:
                 parts.append(base_flip[s][k] if s in base_flip else got.pop(0))
             outs.append(torch.cat(parts, 0))
+        # In place where the tensors are ours: these full-size (B, C, H, W) maps are the big temporaries here.
         maps = []
         for cam in outs:
-            cam = F.interpolate(cam.detach().float(), size=(H, W), mode="bilinear", align_corners=False)
+            up = F.interpolate(cam.detach().float(), size=(H, W), mode="bilinear", align_corners=False)
+            m = up[:B]
             if flip:
-                cam = torch.maximum(cam[:B], cam[B:].flip(-1))
-            maps.append(torch.relu(cam))
-        sums = maps if sums is None else [a + b for a, b in zip(sums, maps)]
+                torch.maximum(m, up[B:].flip(-1), out=m)
+            maps.append(m.relu_())
+        sums = maps if sums is None else [a.add_(b) for a, b in zip(sums, maps)]
     assert sums is not None
-    return tuple(minmax_normalize(m) for m in sums)
+    return tuple(minmax_normalize(m, inplace=True) for m in sums)

@@ -44,9 +44,10 @@ def par_affinity(
 ) -> torch.Tensor:
     """Affinities (B, N, H, W) of each pixel to its N neighbours, from an image (B, 3, H, W)."""
     nb = _neighbors(image, dilations)  # (B, 3, N, H, W)
-    diff = (nb - image.unsqueeze(2)).abs()
     std = nb.std(dim=2, keepdim=True)
-    aff = (-((diff / (std + 1e-8) / w1) ** 2)).mean(dim=1)  # (B, N, H, W)
+    # In place on the neighbour stack: the (B, 3, N, H, W) temporaries' fresh pages cost more than the math.
+    diff = nb.sub_(image.unsqueeze(2)).abs_()
+    aff = diff.div_(std + 1e-8).div_(w1).square_().neg_().mean(dim=1)  # (B, N, H, W)
     pos = _position_affinity(dilations, w1, image.device, image.dtype)
     return torch.softmax(aff, dim=1) + w2 * pos.view(1, -1, 1, 1)
 

@@ -119,7 +119,7 @@ class Trainer:
                 self.val_ds.items = self.val_ds.items[: cfg.data.max_val_images]
         self.opt = build_optimizer(self.method, cfg.optim)
         self.amp = amp_dtype(t.amp, self.device)
-        self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_iter = 0
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")

@@ -4,12 +4,13 @@ as ToCo uses it with weight 0.05).
 ``E = -(1/B) sum_i gate_i sum_k S_ik sum_j W_ij S_jk`` with a Gaussian bilateral kernel
 ``W_ij = exp(-|p_i - p_j|^2 / (2 sxy^2) - |I_i - I_j|^2 / (2 srgb^2))`` over all pixel pairs; the
 gate is 1 on unlabelled (ignored) pixels and ``1 - max_k S_ik`` elsewhere, 0 outside the image.
-The official code evaluates the dense kernel with a C++ permutohedral lattice on images at half
-size. Here it is computed exactly, in torch (CPU or GPU, no extension), on a grid of at most
-``max_side`` pixels a side (the half-size image further downsampled when larger), and rescaled by
-``(half-size pixels / grid pixels)^2`` so that its magnitude matches the half-size energy the
-official ``1e-7`` inner weight was tuned for: an approximation at coarser resolution, labelled as
-such. Like the official backward, the gradient is ``-2 gate * (W S) / B`` (the kernel is symmetric).
+As in the official code, everything is taken at ``scale`` (half size: probabilities bilinear, image,
+labels and valid mask nearest) and ``W S`` is filtered on the permutohedral lattice
+(:func:`wsss.cam.permutohedral.permutohedral_filter`, plain torch), in O(pixels) instead of O(pixels^2).
+The lattice's output is scaled to estimate the exact Gaussian sum; like any permutohedral filter it
+runs below it where colours cluster (about 10-20 % on image features), which the official C++
+lattice shares up to its own constant. Like the official backward, the gradient is
+``-2 gate * (W S) / B`` (the kernel is symmetric).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wsss.cam.crf import gaussian_kernel
+from wsss.cam.permutohedral import permutohedral_filter, pixel_features
 
 
 def dense_energy_loss(
@@ -28,11 +29,10 @@ def dense_energy_loss(
     sigma_rgb: float = 15.0,
     sigma_xy: float = 100.0,
     scale: float = 0.5,
-    max_side: int = 48,
     weight: float = 1e-7,
     ignore_index: int = 255,
 ) -> torch.Tensor:
-    """Energy loss.
+    """Energy loss (a scalar).
 
     Args:
         probs: (B, K, H, W) softmax of the seg logits (at image size).
@@ -40,34 +40,25 @@ def dense_energy_loss(
         label: (B, H, W) pseudo labels; ``ignore_index`` marks the unlabelled pixels.
         valid: (B, H, W) bool, False on crop padding.
         sigma_rgb, sigma_xy: kernel widths in 0..255 colour units and full-size pixels.
-        scale: the official working scale (0.5).
-        max_side: largest grid side actually computed.
+        scale: working scale (the official 0.5).
         weight: inner weight (the official 1e-7).
     """
     B, K, H, W = probs.shape
-    h0, w0 = max(1, round(H * scale)), max(1, round(W * scale))
-    r = min(1.0, max_side / max(h0, w0))
-    h, w = max(1, round(h0 * r)), max(1, round(w0 * r))
-    size = (h, w)
-    S = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
-    img = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    S = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
+    img = F.interpolate(image.float(), size=size, mode="nearest")
     roi = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0]
     unl = F.interpolate((label == ignore_index)[:, None].float(), size=size, mode="nearest")[:, 0] > 0
     S = S * roi[:, None]
-    gate = (roi - S.amax(1)).clamp(min=0)
-    gate = torch.where(unl, torch.ones_like(gate), gate).clamp(min=0) * roi
-    # Positions in full-size pixel units so that sigma_xy keeps its meaning.
-    ys = (torch.arange(h, device=probs.device, dtype=probs.dtype) + 0.5) * (H / h)
-    xs = (torch.arange(w, device=probs.device, dtype=probs.dtype) + 0.5) * (W / w)
-    pos = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).view(1, h * w, 2) / sigma_xy
-    col = img.flatten(2).transpose(1, 2) / sigma_rgb  # (B, N, 3)
-    feat = torch.cat([pos.expand(B, -1, -1), col], -1)
-    kernel = gaussian_kernel(feat, feat)  # (B, N, N): the largest tensor of the loss
     s = S.flatten(2)  # (B, K, N)
-    ws = torch.bmm(s, kernel)  # (B, K, N) = W S per class (kernel symmetric)
-    gated = (ws * gate.flatten(1)[:, None]).detach()
-    rescale = ((h0 * w0) / (h * w)) ** 2
+    with torch.no_grad():
+        gate = (roi - S.amax(1)).clamp(min=0)
+        gate = torch.where(unl, torch.ones_like(gate), gate).clamp(min=0) * roi
+        # Positions in pixels of the working scale with sxy scaled alike, as the official code does.
+        feat = pixel_features(img, sigma_xy * scale, sigma_rgb)  # (B, N, 5)
+        ws = permutohedral_filter(feat, s.detach().transpose(1, 2)).transpose(1, 2)  # (B, K, N) = W S
+        gated = ws * gate.flatten(1)[:, None]
     energy = -(s.detach() * gated).sum() / B
     # value: the energy; gradient: -2 * gated / B, as in the official backward
     surrogate = -2.0 * (s * gated).sum() / B
-    return weight * rescale * (energy + surrogate - surrogate.detach())
+    return weight * (energy + surrogate - surrogate.detach())

@@ -17,7 +17,8 @@ def balanced_seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: i
     bg[label != 0] = ignore_index
     fg = label.clone()
     fg[label == 0] = ignore_index
-    return 0.5 * (_ce(logits, bg, ignore_index) + _ce(logits, fg, ignore_index))
+    logp = F.log_softmax(logits, 1)  # once for both halves: cross_entropy is nll_loss of log_softmax
+    return 0.5 * (_nll(logp, bg, ignore_index) + _nll(logp, fg, ignore_index))
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -28,7 +29,11 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255)
 
 
 def _ce(logits: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return _nll(F.log_softmax(logits, 1), label, ignore_index)
+
+
+def _nll(logp: torch.Tensor, label: torch.Tensor, ignore_index: int) -> torch.Tensor:
     # A batch with no valid pixel gives 0 (with graph) instead of NaN.
     if not bool((label != ignore_index).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, label, ignore_index=ignore_index)
+        return logp.sum() * 0.0
+    return F.nll_loss(logp, label, ignore_index=ignore_index)

@@ -13,15 +13,16 @@ Same losses and settings as the official code, computed with less work:
   ``ctc_global_scale``) is the flipped pass at that scale; each remaining scale runs the image and
   its flip as one batch;
 - the official CTC runs its global views through the encoder twice (a detached "teacher" pass of the
-  same encoder, then the student pass); one pass gives both here; all local crops of the batch are
-  cut by one ``roi_align``;
+  same encoder, then the student pass); one pass gives both here, and the training crop and the second
+  view go through it as one batch when they have the same size; all local crops of the batch are cut
+  by one ``roi_align``;
 - PAR propagates only each image's present classes, and is skipped while the seg loss is off.
 
 The CTC's second global view: by default the flipped training crop (``ctc_view: flip``, reused as a
 CAM pass); ``ctc_view: random`` cuts it as the official code does, a random resized crop with flip
 and colour jitter (no blur or solarisation), at one more forward.
-The dense-CRF energy regulariser (``w_reg``) is computed exactly in torch on a coarser grid instead of
-the official C++ permutohedral lattice at half size (see ``wsss.losses.energy``).
+The dense-CRF energy regulariser (``w_reg``) runs at half size on a permutohedral lattice in plain torch,
+as the official C++ one does (see ``wsss.losses.energy``).
 
 Class-token contrast (CTC): two global views (the training crop, and the second view at ``ctc_global_scale``)
 and ``ctc_local_crops`` local crops from non-confident regions go through the backbone; their class
@@ -49,6 +50,7 @@ from wsss.losses.segmentation import balanced_seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
 from wsss.methods.modules import StepState, build_modules, check_backbone, check_needs, config_with_modules
+from wsss.models.backbone import split_output
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
@@ -74,7 +76,6 @@ class ToCo(Method):
         w_seg: float = 0.1
         seg_warmup: int = 2000  # iterations before the seg loss is switched on
         w_reg: float = 0.05  # dense-CRF energy regulariser on the seg head (after seg_warmup); 0: off
-        reg_max_side: int = 48  # grid side the energy is computed on (see wsss.losses.energy)
         w_ctc: float = 0.5  # 0 switches the class-token contrast off
         ctc_temp: float = 0.5
         ctc_momentum: float = 0.9  # EMA of the teacher projector
@@ -176,13 +177,7 @@ class ToCo(Method):
         labels plus the energy regulariser; each loss is logged by name."""
         c = self.cfg
         x, tags, valid = batch["image"], batch["tags"], batch["valid"]
-        out = self._encode(x)
-        feat, aux = out.tokens, out.layers[self.aux_layer]
-        logits = self.cam_head(feat)
-        loss_cls = multilabel_loss(logits, tags)
-        loss_aux = multilabel_loss(self.aux_head(aux), tags)
-        # Forwards with gradient double as the unflipped CAM passes at their scales (detached there).
-        base, base_flip = {1.0: self._cam_pair(out)}, {}
+        B = x.shape[0]
         if c.w_ctc > 0:
             s2 = c.ctc_global_scale
             if c.ctc_view == "random":
@@ -190,7 +185,19 @@ class ToCo(Method):
             else:
                 x2 = x.flip(-1)
             x2 = x2 if s2 == 1.0 else F.interpolate(x2, scale_factor=s2, mode="bilinear")
-            out2 = self._encode(x2)
+            if x2.shape == x.shape:  # both global views in one pass
+                out, out2 = split_output(self._encode(torch.cat([x, x2])), B)
+            else:
+                out, out2 = self._encode(x), self._encode(x2)
+        else:
+            out = self._encode(x)
+        feat, aux = out.tokens, out.layers[self.aux_layer]
+        logits = self.cam_head(feat)
+        loss_cls = multilabel_loss(logits, tags)
+        loss_aux = multilabel_loss(self.aux_head(aux), tags)
+        # Forwards with gradient double as the unflipped CAM passes at their scales (detached there).
+        base, base_flip = {1.0: self._cam_pair(out)}, {}
+        if c.w_ctc > 0:
             if c.ctc_view == "flip":
                 base_flip[s2] = self._cam_pair(out2)
             glob = torch.stack([self._class_token(out), self._class_token(out2)], 1)  # (B, 2 views, D)
@@ -225,8 +232,7 @@ class ToCo(Method):
             logs["seg"] = loss_seg.detach()
             if c.w_reg > 0:
                 rgb = denormalize(x) * 255
-                loss_reg = dense_energy_loss(seg.softmax(1), rgb, labels, valid, max_side=c.reg_max_side,
-                                             ignore_index=self.classes.ignore_index)  # fmt: skip
+                loss_reg = dense_energy_loss(seg.softmax(1), rgb, labels, valid, ignore_index=self.classes.ignore_index)
                 loss = loss + c.w_reg * loss_reg
                 logs["reg"] = loss_reg.detach()
         return StepOutput(loss, logs)

@@ -39,6 +39,20 @@ class BackboneOutput:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def split_output(out: BackboneOutput, n: int) -> tuple[BackboneOutput, BackboneOutput]:
+    """The first ``n`` images' output and the rest's, as views of ``out`` (one batched pass of two inputs
+    of the same size costs less than two passes)."""
+
+    def part(sl: slice) -> BackboneOutput:
+        return BackboneOutput(
+            out.tokens[sl], {k: v[sl] for k, v in out.layers.items()}, out.prefix[sl],
+            {k: v[sl] for k, v in out.attn.items()}, None if out.extra is None else out.extra[sl],
+            {k: v[sl] for k, v in out.maps.items()},
+        )  # fmt: skip
+
+    return part(slice(0, n)), part(slice(n, None))
+
+
 def resolve_weights(weights: str) -> tuple[str | None, str]:
     """(local file or None, source label) for a config ``weights`` value: timm | none | PATH."""
     if weights in ("none", "", None):
