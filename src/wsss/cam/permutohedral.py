@@ -12,7 +12,11 @@ lattice is built with ``torch.unique`` on integer vertex codes and neighbours ar
 Scale: the lattice conserves mass, so on a uniform cloud its output is the point density times the
 volume per lattice vertex, ``(3/2)^(d/2) / sqrt(d+1)`` in feature units, where the exact sum gives the
 density times ``(2 pi)^(d/2)``; the output is multiplied by the ratio, so that it estimates the exact
-sum (including the self term, 1 per point).
+sum there (measured: 1.000 +- 0.017 inside a uniform 5-D cloud). The lattice's kernel is flatter than
+the Gaussian at its peak (an isolated point gets ~0.6 of its own value back, not 1), so where points
+cluster, as image colours do, the output runs below the exact sum: about 0.82 of it on image features,
+with cosine similarity 0.999 (``tests/unit/test_energy.py``). The dense CRF normalises its kernels, so
+there this constant cancels.
 """
 
 from __future__ import annotations
