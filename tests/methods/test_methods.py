@@ -20,14 +20,19 @@ def _batch(B=2, S=48):
             "mask": torch.randint(0, SPEC.K, (B, S, S), generator=g)}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_two_steps_and_gradients(name):
+def _tiny(name, seg_warmup):
+    """(config, method) of registered method ``name`` on the tiny model, seg loss from ``seg_warmup``."""
     torch.manual_seed(0)
     over = ["--method.name", name, *TINY]
     if "seg_warmup" in METHODS.get(name).Config.__dataclass_fields__:
-        over += ["--method.seg_warmup", "1"]
+        over += ["--method.seg_warmup", str(seg_warmup)]
     cfg = load_config(None, over)
-    m = build_method(cfg, SPEC)
+    return cfg, build_method(cfg, SPEC)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_two_steps_and_gradients(name):
+    cfg, m = _tiny(name, 1)
     opt = build_optimizer(m, cfg.optim)
     batch = _batch()
     for it in range(2):  # it=1 is past every warm-up: all losses on
@@ -52,11 +57,7 @@ def test_two_steps_and_gradients(name):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_two_steps_under_bf16_autocast(name):
     """The AMP path's dtype handling (bf16 activations, fp32 losses and weights), checked on CPU autocast."""
-    torch.manual_seed(0)
-    over = ["--method.name", name, *TINY]
-    if "seg_warmup" in METHODS.get(name).Config.__dataclass_fields__:
-        over += ["--method.seg_warmup", "0"]
-    m = build_method(load_config(None, over), SPEC)
+    _, m = _tiny(name, 0)
     for it in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m.train_step(_batch(), it)

@@ -8,7 +8,7 @@ As in the official code, everything is taken at ``scale`` (half size: probabilit
 labels and valid mask nearest) and ``W S`` is filtered on the permutohedral lattice
 (:func:`wsss.cam.permutohedral.permutohedral_filter`, plain torch), in O(pixels) instead of O(pixels^2).
 The lattice's output is scaled to estimate the exact Gaussian sum; like any permutohedral filter it
-runs below it where colours cluster (about 10-20 % on image features), which the official C++
+runs below it where colours cluster (0.82 of it on image features, measured), which the official C++
 lattice shares up to its own constant. Like the official backward, the gradient is
 ``-2 gate * (W S) / B`` (the kernel is symmetric).
 """
