@@ -127,3 +127,25 @@ def test_one_batched_pass_of_two_views_equals_two_passes(name):
         for k in ref.layers:
             torch.testing.assert_close(got.layers[k], ref.layers[k], **close)
     assert not torch.allclose(first.tokens, second.tokens)
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_toco_seg_loss_is_the_balanced_or_the_plain_ce(balanced):
+    """Pseudo labels with 1 background and 3 foreground pixels per image: the balanced CE weighs the one
+    background pixel like the three foreground ones, the plain CE weighs every pixel alike."""
+    from wsss.losses.segmentation import balanced_seg_loss, seg_loss
+
+    torch.manual_seed(0)
+    m = build_method(load_config(None, [*TINY, "--method.seg_warmup", "0", "--method.w_reg", "0",
+                                        "--method.seg_balanced", str(balanced).lower()]), SPEC)  # fmt: skip
+    labels = torch.full((2, 48, 48), 255)
+    labels[:, 0, :4] = torch.tensor([0, 1, 1, 1])
+    m._refine = lambda *a: labels
+    seen = []
+    head = m.seg_head.forward
+    m.seg_head.forward = lambda f: seen.append(head(f)) or seen[-1]
+    out = m.train_step(_batch(), 0)
+    logits = torch.nn.functional.interpolate(seen[0].detach(), size=(48, 48), mode="bilinear", align_corners=False)
+    bal, plain = (float(f(logits, labels)) for f in (balanced_seg_loss, seg_loss))
+    assert abs(bal - plain) > 1e-3  # the two weightings differ on these labels
+    assert float(out.logs["seg"]) == pytest.approx(bal if balanced else plain, rel=1e-5)

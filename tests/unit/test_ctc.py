@@ -14,7 +14,26 @@ def test_ctc_hand_computed_one_image():
     N = e[2]
     expect = -math.log(e[0] / (e[0] + N + 1e-4)) - math.log(e[1] / (e[1] + N + 1e-4)) - math.log(1 / (1 + N + 1e-4))
     expect /= 1 * (2 + 1e-4)
-    assert math.isclose(float(class_token_contrast(t, s, flags, temp=1.0)), expect, rel_tol=1e-6)
+    assert math.isclose(float(class_token_contrast(t, s, flags, temp=1.0, cosine=False)), expect, rel_tol=1e-6)
+    # cosine similarities: crop B (0.5, 0) has cosine 1 with the teacher; the global view 1, crop A 0
+    c = [1.0, 0.0, 1.0]
+    e = [math.exp(v / 0.25) for v in c]
+    N = e[2]
+    expect = -math.log(e[0] / (e[0] + N + 1e-4)) - math.log(e[1] / (e[1] + N + 1e-4)) - math.log(1 / (1 + N + 1e-4))
+    expect /= 1 * (2 + 1e-4)
+    assert math.isclose(float(class_token_contrast(t, s, flags, temp=0.25)), expect, rel_tol=1e-6)
+
+
+def test_ctc_scale_is_fixed_unless_the_official_dot_product_is_asked_for():
+    # Inflating the projector outputs (what aligning the weight-normalised rows does) cannot lower the
+    # cosine loss, while it drives the dot-product loss by the scale: 16x outputs, 256x logits.
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 2, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    flags = torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    base = class_token_contrast(t, s, flags)
+    assert torch.allclose(class_token_contrast(16 * t, 16 * s, flags), base, rtol=1e-5)
+    dot, dot16 = (class_token_contrast(k * t, k * s, flags, 0.5, cosine=False) for k in (1, 16))
+    assert dot16 > 20 * dot
 
 
 def test_ctc_without_negatives_is_finite_and_large_scores_do_not_overflow():

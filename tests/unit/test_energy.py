@@ -1,6 +1,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from wsss.cam.permutohedral import gaussian_kernel, permutohedral_filter
 from wsss.losses.energy import dense_energy_loss
@@ -100,3 +101,29 @@ def test_confident_labelled_pixels_are_gated_out():
     e = dense_energy_loss(probs, torch.zeros(1, 3, 1, 2), label, torch.ones(1, 1, 2, dtype=torch.bool), scale=1.0)
     assert float(e) == 0.0
     assert math.isfinite(float(e))
+
+
+def _energy_to_ce_gradient(side: int, ref_side: float) -> float:
+    """Mean |d energy / d logits| over mean |d CE / d logits| on a two-region image of ``side`` px whose left
+    half is labelled background, right half unlabelled (the band the regulariser is for)."""
+    _, img = _image_features(B=1, H=24, W=24)
+    img = F.interpolate(img, size=(side, side), mode="nearest")
+    label = torch.zeros(1, side, side, dtype=torch.long)
+    label[..., side // 2 :] = 255
+    logits = F.interpolate(torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(3)), size=(side, side),
+                           mode="bilinear").requires_grad_()  # fmt: skip
+    valid = torch.ones(1, side, side, dtype=torch.bool)
+    (g_e,) = torch.autograd.grad(dense_energy_loss(logits.softmax(1), img, label, valid, ref_side=ref_side), logits)
+    (g_ce,) = torch.autograd.grad(F.cross_entropy(logits, label, ignore_index=255), logits)
+    return float(g_e.abs().mean() / g_ce.abs().mean())
+
+
+def test_energy_keeps_its_strength_against_the_ce_at_any_crop_size():
+    # Official constants as given: the regulariser's pull grows 16x when the crop side doubles (its kernel mass
+    # grows with the pixel count, the CE gradient shrinks with it). Rescaled to the crop: about the same pull.
+    fixed = _energy_to_ce_gradient(96, 0.0) / _energy_to_ce_gradient(48, 0.0)
+    scaled = _energy_to_ce_gradient(96, 448.0) / _energy_to_ce_gradient(48, 448.0)
+    assert fixed > 10
+    assert 0.7 < scaled < 1.4
+    # at the reference side the constants are the official ones
+    assert _energy_to_ce_gradient(448, 448.0) == _energy_to_ce_gradient(448, 0.0)

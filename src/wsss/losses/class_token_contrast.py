@@ -4,10 +4,21 @@ Crops are centred on pixels that are background or uncertain in the auxiliary CA
 region is mostly confident background (mean ROI value <= ``neg_ratio``, ROI 0 = background,
 1 = uncertain, 2 = foreground) is a negative, every other crop and both global views are positives.
 For teacher view i (EMA projector on a detached global class token) and positive student output j:
-``-log(e_ij / (e_ij + sum_neg e_ik + 1e-4))`` with ``e = exp(t . s / temp)``, plus one
+``-log(e_ij / (e_ij + sum_neg e_ik + 1e-4))`` with ``e = exp(sim(t, s) / temp)``, plus one
 ``-log(1 / (1 + sum_neg e_ik + 1e-4))`` term per teacher view, normalised by 2 * (#positives) and
 averaged over images: the official formula, computed in log space (no overflow) and without loops.
 Crops are cut for the whole batch in one ``roi_align`` call.
+
+``sim`` is the cosine similarity (``cosine=True``, our default) or, as the official code, the raw dot
+product of the projector outputs. Those outputs are a weight-normalised linear map W (out_dim x
+bottleneck, unit rows) of a unit vector, so t . s = z_t' W'W z_s: its scale is the spectrum of W'W,
+out_dim / bottleneck = 4 at initialisation but free to grow to out_dim as the rows align. The loss
+falls when that scale grows, so the optimizer grows it: on the demo recipe the top eigenvalue of W'W
+went from 9 to 47 in 70 iterations, logits reached 48, per-step CTC spiked to 4-6 (32-41 were reported on a
+160 px tagged dataset), and then every crop's output collapsed onto one point (equal similarity to
+the teacher for positives and negatives: no contrast left). Cosine similarity fixes the scale at the
+official's initial one when ``temp`` is the official 0.5 x bottleneck / out_dim = 0.125: the same loss
+at initialisation, but it can only fall by separating crops, not by inflating the scale.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 
@@ -69,7 +81,7 @@ def sample_local_crops(
 
 
 def class_token_contrast(
-    teacher: torch.Tensor, student: torch.Tensor, flags: torch.Tensor, temp: float = 0.5
+    teacher: torch.Tensor, student: torch.Tensor, flags: torch.Tensor, temp: float = 0.125, cosine: bool = True
 ) -> torch.Tensor:
     """CTC loss.
 
@@ -78,7 +90,10 @@ def class_token_contrast(
         student: (B, S, E) student outputs: the V global views first, then the local crops.
         flags: (B, S) bool, True = positive (global views are always positive).
         temp: temperature.
+        cosine: cosine similarities (scale-free); False: raw dot products, as the official code.
     """
+    if cosine:
+        teacher, student = F.normalize(teacher, dim=-1), F.normalize(student, dim=-1)
     s = torch.einsum("bve,bse->bvs", teacher, student) / temp  # (B, V, S) log e_ij
     neg = ~flags[:, None, :]
     log_negsum = torch.logsumexp(s.masked_fill(~neg, float("-inf")), dim=-1)  # (B, V); -inf if no negative

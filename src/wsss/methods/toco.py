@@ -46,7 +46,7 @@ from wsss.data.views import random_resized_view
 from wsss.losses.class_token_contrast import class_token_contrast, roi_from_cam, sample_local_crops
 from wsss.losses.classification import multilabel_loss
 from wsss.losses.energy import dense_energy_loss
-from wsss.losses.segmentation import balanced_seg_loss
+from wsss.losses.segmentation import balanced_seg_loss, seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
 from wsss.methods.modules import StepState, build_modules, check_backbone, check_needs, config_with_modules
@@ -75,9 +75,16 @@ class ToCo(Method):
         w_ptc: float = 0.2
         w_seg: float = 0.1
         seg_warmup: int = 2000  # iterations before the seg loss is switched on
+        # ToCo's seg CE: background and foreground pixels averaged apart, then halved (each side weighs the
+        # same whatever its pixel count); False: one CE over all labelled pixels
+        seg_balanced: bool = True
         w_reg: float = 0.05  # dense-CRF energy regulariser on the seg head (after seg_warmup); 0: off
+        # crop side the energy constants are rescaled from (448: the official strength at any crop; see
+        # wsss.losses.energy); 0: the official constants as given, which is what the demo measured better
+        reg_ref_side: float = 0.0
         w_ctc: float = 0.5  # 0 switches the class-token contrast off
-        ctc_temp: float = 0.5
+        ctc_temp: float = 0.125  # of cosine similarities: the official 0.5 at its initial output scale (see the loss)
+        ctc_cosine: bool = True  # False: the official raw dot product, whose scale grows unbounded
         ctc_momentum: float = 0.9  # EMA of the teacher projector
         ctc_local_crops: int = 8
         ctc_local_size: int = 96
@@ -157,7 +164,7 @@ class ToCo(Method):
         student = self.proj(torch.cat([glob, local], 1).flatten(0, 1)).view(B, 2 + c.ctc_local_crops, -1)
         teacher = self.proj_t(glob.detach().flatten(0, 1)).view(B, 2, -1)
         all_flags = torch.cat([torch.ones_like(flags[:, :2]), flags], 1)
-        return class_token_contrast(teacher, student, all_flags, c.ctc_temp)
+        return class_token_contrast(teacher, student, all_flags, c.ctc_temp, c.ctc_cosine)
 
     @torch.no_grad()
     def on_step_end(self, it: int) -> None:
@@ -227,12 +234,14 @@ class ToCo(Method):
         if it >= c.seg_warmup and c.w_seg > 0:
             labels = self._refine(cam, x, tags, valid)
             seg = upsample(self.seg_head(feat), labels.shape[-2:])
-            loss_seg = balanced_seg_loss(seg, labels, self.classes.ignore_index)
+            seg_ce = balanced_seg_loss if c.seg_balanced else seg_loss
+            loss_seg = seg_ce(seg, labels, self.classes.ignore_index)
             loss = loss + c.w_seg * loss_seg
             logs["seg"] = loss_seg.detach()
             if c.w_reg > 0:
                 rgb = denormalize(x) * 255
-                loss_reg = dense_energy_loss(seg.softmax(1), rgb, labels, valid, ignore_index=self.classes.ignore_index)
+                loss_reg = dense_energy_loss(seg.softmax(1), rgb, labels, valid, ignore_index=self.classes.ignore_index,
+                                             ref_side=c.reg_ref_side)  # fmt: skip
                 loss = loss + c.w_reg * loss_reg
                 logs["reg"] = loss_reg.detach()
         return StepOutput(loss, logs)

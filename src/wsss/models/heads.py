@@ -74,8 +74,10 @@ class ProjectionHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        # nn.Linear's default init, as the official heads (their trunc-normal init runs before the last layer
+        # exists): the rows are normalised, so their size only sets how fast their directions turn under AdamW.
         self.last = nn.Parameter(torch.empty(out_dim, bottleneck))
-        nn.init.trunc_normal_(self.last, std=0.02)
+        nn.init.kaiming_uniform_(self.last, a=5**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, out_dim)."""
