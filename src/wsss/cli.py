@@ -209,11 +209,24 @@ def cmd_list(args, extra: list[str]) -> int:
 
 
 def cmd_bench(args, extra: list[str]) -> int:
-    """`wsss bench step|modules`: step time against the bare backbone; module ablation table."""
-    if args.bench_cmd == "modules":
-        from wsss.bench.modules import bench_modules
+    """`wsss bench step|speed|quality|modules`: step time against the bare backbone; every recipe's speed;
+    multi-seed quality table (``modules``: its ablation mode, each module off in turn)."""
+    if args.bench_cmd in ("quality", "modules"):
+        import shlex
 
-        bench_modules(args.config, args.out, extra, args.data, ablate=not args.no_ablation)
+        from wsss.bench.quality import bench_quality
+
+        command = "wsss " + " ".join(shlex.quote(a) for a in args.argv)
+        bench_quality(args.config, args.out, args.seeds, args.data, extra, ablate=args.bench_cmd == "modules" or
+                      args.ablate, reference=args.reference, command=command)  # fmt: skip
+        return 0
+    if args.bench_cmd == "speed":
+        import shlex
+
+        from wsss.bench.speed import bench_speed, default_configs, write_speed
+
+        res = bench_speed(args.config or default_configs(), extra, args.repeats, args.warmup, not args.no_memory)
+        print(write_speed(res, args.out, "wsss " + " ".join(shlex.quote(a) for a in args.argv)))
         return 0
     from wsss.bench.step import bench_step
     from wsss.config import load_config
@@ -279,11 +292,28 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--config", required=True)
     bs.add_argument("--repeats", type=int, default=5)
     bs.add_argument("--warmup", type=int, default=2)
-    bm = bsub.add_parser("modules", help="train each recipe and each with one module off; mIoU table")
-    bm.add_argument("--config", action="append", required=True, help="recipe (repeat for several)")
-    bm.add_argument("--out", default="runs/bench_modules")
-    bm.add_argument("--no-ablation", action="store_true", help="only the recipes themselves (e.g. stacks)")
-    bm.add_argument("--data", default="", help="demo data directory (generated when missing)")
+    sp = bsub.add_parser("speed", help="step time, inference and CRF throughput, peak memory of every recipe")
+    sp.add_argument("--config", action="append", help="recipe (repeat; default: every configs/bench recipe)")
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--out", default="runs/bench_speed")
+    sp.add_argument("--no-memory", action="store_true", help="skip the per-recipe peak-memory processes")
+    for name, text in (
+        ("quality", "train recipes and a fully supervised reference over seeds; mIoU table"),
+        ("modules", "quality benchmark in ablation mode: each recipe, then each module off"),
+    ):
+        bq = bsub.add_parser(name, help=text)
+        bq.add_argument("--config", action="append", required=True, help="recipe (repeat for several)")
+        bq.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every row (default 3)")
+        bq.add_argument("--data", default="", help="dataset directory: folder (tags.csv), VOC layout, or demo "
+                        "data (generated when missing)")  # fmt: skip
+        bq.add_argument("--out", default=f"runs/bench_{name}")
+        bq.add_argument("--reference", default="", help="reference recipe (default: the first recipe as "
+                        "fully_supervised; 'none': no reference)")  # fmt: skip
+        if name == "quality":
+            bq.add_argument("--ablate", action="store_true", help="also each module off in turn")
+        else:
+            bq.set_defaults(ablate=True)
     b.set_defaults(fn=cmd_bench)
     return p
 
@@ -292,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wsss`` console script."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by the benchmarks
     _setup_logging()
     if extra and args.cmd not in ("train", "evaluate", "predict", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -85,6 +85,7 @@ class TrainConfig:
     ckpt_every: int = 2000
     eval_every: int = 2000  # 0: only at the end; -1: never (no masks needed for the val split)
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    threads: int = 0  # intra-op CPU threads; 0: $OMP_NUM_THREADS, else the CPUs this process may use
     device: str = "auto"
     out_dir: str = "runs"
     run_name: str = ""  # empty: <method>-<dataset>-<time>
@@ -285,6 +286,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Recipe file (or defaults) + dotted overrides -> validated RunConfig."""
     data = read_yaml(path) if path else {}
     return resolve(apply_overrides(data, overrides or []))
+
+
+def get_dotted(cfg: RunConfig, key: str) -> Any:
+    """The value of dotted ``key`` (``"data.crop_size"``) in ``cfg``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

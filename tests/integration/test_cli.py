@@ -14,7 +14,7 @@ from wsss.cli import main
 
 def _train(tmp_path, name, tiny_args, *extra):
     run = tmp_path / name
-    rc = main(["train", "--config", "configs/demo/toco.yaml", "--run-dir", str(run), *tiny_args,
+    rc = main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), *tiny_args,
                "--train.max_iters", "4", "--method.seg_warmup", "2", "--optim.warmup_iters", "2", *extra])  # fmt: skip
     assert rc == 0
     return run
@@ -55,7 +55,7 @@ BANKS = ("mods.temporal_contrast.bank.count", "mods.region_memory.bank.count",
 def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_args, modules):
     full = _train(tmp_path, "full", tiny_args, *modules)
     part = tmp_path / "part"
-    assert main(["train", "--config", "configs/demo/toco.yaml", "--run-dir", str(part), *tiny_args,
+    assert main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(part), *tiny_args,
                  "--train.max_iters", "4", "--method.seg_warmup", "2", "--optim.warmup_iters", "2",
                  "--stop-at", "2", *modules]) == 0  # fmt: skip
     assert torch.load(part / "checkpoints" / "last.pt", weights_only=True)["iter"] == 2
@@ -71,10 +71,10 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_args, modules
 
 
 def test_bad_input_is_one_line_error(tmp_path, capsys):
-    rc = main(["train", "--config", "configs/demo/toco.yaml", "--data.root", str(tmp_path / "missing")])
+    rc = main(["train", "--config", "configs/bench/toco.yaml", "--data.root", str(tmp_path / "missing")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "missing: data root does not exist" in err
-    rc = main(["train", "--config", "configs/demo/toco.yaml", "--train.max_iterz", "3"])
+    rc = main(["train", "--config", "configs/bench/toco.yaml", "--train.max_iterz", "3"])
     assert rc == 2 and "train.max_iterz" in capsys.readouterr().err
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -97,7 +97,7 @@ def test_data_demo_and_check(tmp_path, capsys):
 def test_torchrun_two_processes_match_single_process_accumulation(tmp_path, tiny_args):
     """2 gloo processes x micro-batch 1 == 1 process x 2 accumulated micro-batches of 1, with every
     pipeline module on: memory banks, FSR centres and the EMA teacher equal the accumulated ones."""
-    common = ["--config", "configs/demo/toco.yaml", *tiny_args, "--train.max_iters", "2",
+    common = ["--config", "configs/bench/toco.yaml", *tiny_args, "--train.max_iters", "2",
               "--method.seg_warmup", "1", "--train.micro_batch", "1", *STACK]  # fmt: skip
     assert main(["train", "--run-dir", str(tmp_path / "one"), *common]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -131,7 +131,7 @@ def test_corrupt_image_in_a_worker_is_a_one_line_error(tmp_path, capsys):
     root = generate(tmp_path / "d", DemoConfig(n_train=2, n_val=1, size=48))
     bad = root / "JPEGImages" / "train_00001.jpg"
     bad.write_bytes(b"not a jpeg")
-    rc = main(["train", "--config", "configs/demo/toco.yaml", "--data.root", str(root), "--model.backbone",
+    rc = main(["train", "--config", "configs/bench/toco.yaml", "--data.root", str(root), "--model.backbone",
                "test_vit", "--model.weights", "none", "--data.crop_size", "48", "--data.num_workers", "1",
                "--train.batch_size", "2", "--train.max_iters", "1", "--run-dir", str(tmp_path / "r")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
@@ -148,7 +148,7 @@ def test_training_without_any_masks_when_evaluation_is_off(tmp_path):
         Image.new("RGB", (48, 48), (40 * i, 90, 200)).save(root / "images" / f"{i}.jpg")
     (root / "tags.csv").write_text("image,tags\n0.jpg,dog\n1.jpg,cat;dog\n")
     run = tmp_path / "run"
-    rc = main(["train", "--config", "configs/demo/toco.yaml", "--data.dataset", "folder", "--data.root", str(root),
+    rc = main(["train", "--config", "configs/bench/toco.yaml", "--data.dataset", "folder", "--data.root", str(root),
                "--model.backbone", "test_vit", "--model.weights", "none", "--data.crop_size", "48",
                "--data.num_workers", "0", "--train.batch_size", "2", "--train.max_iters", "2",
                "--train.eval_every", "-1", "--run-dir", str(run)])  # fmt: skip
@@ -202,7 +202,7 @@ def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args,
 )  # fmt: skip
 def test_demo_recipes_of_rca_wsfcn_fsr_and_a_stack_train_and_evaluate(tmp_path, tiny_args, config, extra, loss):
     run = tmp_path / config
-    assert main(["train", "--config", f"configs/demo/{config}.yaml", "--run-dir", str(run), *tiny_args,
+    assert main(["train", "--config", f"configs/bench/{config}.yaml", "--run-dir", str(run), *tiny_args,
                  "--train.max_iters", "3", "--method.seg_warmup", "1", *extra]) == 0  # fmt: skip
     steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert loss in [r for r in steps if "loss" in r][-1]

@@ -23,7 +23,7 @@ def test_toco_learns_on_demo_data(tmp_path):
 
     root = generate(tmp_path / "d", DemoConfig(n_train=64, n_val=16, size=112, seed=3))
     run = tmp_path / "run"
-    args = ["train", "--config", "configs/demo/toco.yaml", "--run-dir", str(run), "--data.root", str(root),
+    args = ["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), "--data.root", str(root),
             "--model.weights", str(W), "--model.freeze_blocks", "8", "--data.num_workers", "0", "--optim.lr", "2e-4",
             "--train.max_iters", "60", "--train.batch_size", "8", "--method.seg_warmup", "30", "--method.w_ctc", "0",
             "--optim.warmup_iters", "5", "--train.log_every", "10", "--eval.batch_size", "8"]  # fmt: skip
@@ -35,7 +35,7 @@ def test_toco_learns_on_demo_data(tmp_path):
     from wsss.config import load_config
     from wsss.demo import all_background_miou
 
-    val = build_dataset(load_config("configs/demo/toco.yaml", ["--data.root", str(root)]), "val", False, True)
+    val = build_dataset(load_config("configs/bench/toco.yaml", ["--data.root", str(root)]), "val", False, True)
     trivial = all_background_miou(val)
     # 60 iterations teach the CAMs (seg learning on the full demo is measured by `make demo`)
     assert res["cam"]["miou"] > trivial + 0.04 and res["pseudo"]["miou"] > trivial + 0.04, (trivial, res)

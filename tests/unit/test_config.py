@@ -26,7 +26,7 @@ def test_overrides_types_and_roundtrip(tmp_path):
 
 
 def test_base_with_other_method_replaces_method_section():
-    cfg = load_config("configs/demo/fully_supervised.yaml")
+    cfg = load_config("configs/bench/fully_supervised.yaml")
     assert cfg.method_name == "fully_supervised" and cfg.data.crop_size == 112
 
 

@@ -33,10 +33,23 @@ def _time(fn, device) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
-    """{"step_s", "bare_fwd_bwd_s", "ratio", ...} for ``cfg``'s method: wall-time medians, their ratio,
-    the median of the per-repeat ratios, the ratio of the minima and, on CPU, the same from process
-    CPU time (a shared machine's wall time drifts with other tenants' load)."""
+def bench_batch(cfg, classes, device) -> dict:
+    """A fixed random batch at ``cfg``'s batch size and crop: images, 1-3 random tags each, valid, masks."""
+    B, S = cfg.train.batch_size, cfg.data.crop_size
+    g = torch.Generator().manual_seed(0)
+    tags = torch.zeros(B, classes.num_fg)
+    for b in range(B):
+        tags[b, torch.randperm(classes.num_fg, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]] = 1
+    return {"image": torch.randn(B, 3, S, S, generator=g).to(device), "tags": tags.to(device),
+            "valid": torch.ones(B, S, S, dtype=torch.bool, device=device),
+            "mask": torch.randint(0, classes.K, (B, S, S), generator=g).to(device)}  # fmt: skip
+
+
+def build_for_bench(cfg):
+    """(method in train mode, its optimizer, a fixed batch, device) for timing ``cfg``'s step."""
+    from wsss.engine.threads import configure_threads
+
+    configure_threads(cfg.train.threads)
     torch.manual_seed(0)
     try:
         classes = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=False).classes
@@ -44,27 +57,37 @@ def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
         classes = COCO if cfg.data.dataset == "coco" else VOC
     device = pick_device(cfg.train.device)
     method = build_method(cfg, classes).to(device).train()
-    opt = build_optimizer(method, cfg.optim)
+    return method, build_optimizer(method, cfg.optim), bench_batch(cfg, classes, device), device
+
+
+def train_once(method, opt, batch: dict, it: int) -> None:
+    """One full training step: forward with losses, backward, optimizer update, step-end work."""
+    out = method.train_step(batch, it)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    method.on_step_end(it)  # EMA teachers, memory-bank writes: part of every training step
+
+
+def bare_pass(method, batch: dict) -> None:
+    """The bare backbone forward+backward on ``batch``'s images, the yardstick of the step ratios."""
+    method.backbone(batch["image"]).tokens.float().mean().backward()
+    method.zero_grad(set_to_none=True)
+
+
+def bench_step(cfg, repeats: int = 5, warmup: int = 2) -> dict:
+    """{"step_s", "bare_fwd_bwd_s", "ratio", ...} for ``cfg``'s method: wall-time medians, their ratio,
+    the median of the per-repeat ratios, the ratio of the minima and, on CPU, the same from process
+    CPU time (a shared machine's wall time drifts with other tenants' load)."""
+    method, opt, batch, device = build_for_bench(cfg)
     B, S = cfg.train.batch_size, cfg.data.crop_size
-    g = torch.Generator().manual_seed(0)
-    tags = torch.zeros(B, classes.num_fg)
-    for b in range(B):
-        tags[b, torch.randperm(classes.num_fg, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]] = 1
-    batch = {"image": torch.randn(B, 3, S, S, generator=g).to(device), "tags": tags.to(device),
-             "valid": torch.ones(B, S, S, dtype=torch.bool, device=device),
-             "mask": torch.randint(0, classes.K, (B, S, S), generator=g).to(device)}  # fmt: skip
     it = cfg.train.max_iters - 1
 
     def step():
-        out = method.train_step(batch, it)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        method.on_step_end(it)  # EMA teachers, memory-bank writes: part of every training step
+        train_once(method, opt, batch, it)
 
     def bare():
-        method.backbone(batch["image"]).tokens.float().mean().backward()
-        method.zero_grad(set_to_none=True)
+        bare_pass(method, batch)
 
     for _ in range(warmup):
         step()

@@ -29,6 +29,7 @@ from wsss.data.loader import eval_loader, train_loader
 from wsss.engine import dist
 from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from wsss.engine.optim import build_optimizer, set_lr
+from wsss.engine.threads import configure_threads, cpu_budget
 from wsss.evaluation.evaluators import format_table, run_evaluation
 from wsss.registry import METHODS
 
@@ -64,22 +65,32 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     raise ConfigError(f"config key 'train.amp': unknown value '{mode}' (auto | bf16 | fp16 | off)")
 
 
+def git_state() -> tuple[str, bool]:
+    """(commit SHA, whether tracked files differ from it) of the source tree; ("", False) outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except Exception:
+        return "", False
+
+
 def env_info(weights_source: str) -> dict:
     """Versions, git SHA, world size and weights source, for env.json."""
     import timm
     import torchvision
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except Exception:
-        sha = ""
+    sha, dirty = git_state()
     from wsss import __version__
 
     return {
         "wsss": __version__, "git_sha": sha, "python": sys.version.split()[0], "platform": platform.platform(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "world_size": dist.world_size(),
+        "git_dirty": dirty, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "world_size": dist.world_size(),
         "weights_source": weights_source, "started": datetime.now().isoformat(timespec="seconds"),
         "argv": sys.argv,
     }  # fmt: skip
@@ -107,6 +118,7 @@ class Trainer:
                 f"micro_batch {micro} x {world} processes"
             )
         self.micro, self.accum = micro, t.batch_size // (micro * world)
+        self.threads = configure_threads(t.threads)
         seed_everything(t.seed)
         needs_masks = METHODS.get(cfg.method_name).needs_masks  # weak methods never read training masks
         self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=needs_masks)
@@ -126,7 +138,8 @@ class Trainer:
         elif dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-            (self.run_dir / "env.json").write_text(json.dumps(env_info(self.method.backbone.weights_source), indent=2))
+            env = env_info(self.method.backbone.weights_source) | {"threads": self.threads, "cpu_budget": cpu_budget()}
+            (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
         self.tb = None
         if cfg.train.tensorboard and dist.is_main():
             try:
@@ -250,6 +263,8 @@ class Trainer:
                 res = self.evaluate(done)
         if bar is not None:
             bar.close()
+        if res is None and end == t.max_iters and self.start_iter >= t.max_iters:
+            res = self.evaluate(t.max_iters)  # resumed at the end: the final evaluation had not been written
         if res is not None and end == t.max_iters and dist.is_main():
             atomic_write(self.run_dir / "final_eval.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
         return res
