@@ -242,6 +242,13 @@ def split_overrides(tokens: list[str]) -> tuple[list[tuple[str, str]], list[str]
     return items, rest
 
 
+def drop_section(overrides: list[str], section: str) -> list[str]:
+    """``overrides`` without the keys of ``section`` (e.g. a weak recipe's ``method.*`` keys, which another
+    method's config would reject), as ``--key=value`` tokens."""
+    pairs, rest = split_overrides(overrides)
+    return [f"--{k}={v}" for k, v in pairs if not k.startswith(section + ".")] + rest
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``["--train.max_iters", "5", "--data.root=/x"]`` style overrides (values parsed as YAML)."""
     data = _deep_merge({}, data)

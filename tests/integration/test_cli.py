@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +168,25 @@ def test_demo_entry_point_with_overrides(tmp_path, demo_root, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(summary["rows"]) == {"toco", "fully_supervised"}
     assert (tmp_path / "out" / "toco" / "final_eval.json").is_file()
+
+
+def test_demo_reference_follows_the_weak_recipes_schedule(tmp_path, demo_root):
+    """The demo's fully supervised run takes toco's iterations, not the benchmark reference's longer schedule."""
+    import yaml
+
+    from wsss.demo import main as demo_main
+
+    confs = tmp_path / "configs"
+    confs.mkdir()
+    bench = Path("configs/bench").resolve()
+    (confs / "toco.yaml").write_text(f"_base_: {bench / 'toco.yaml'}\ntrain: {{max_iters: 2}}\n")
+    (confs / "fully_supervised.yaml").write_text(f"_base_: {bench / 'fully_supervised.yaml'}\n")
+    rc = demo_main(["--data", str(demo_root), "--out", str(tmp_path / "out"), "--configs", str(confs),
+                    "--model.backbone", "test_vit", "--model.weights", "none", "--data.crop_size", "48",
+                    "--data.num_workers", "0", "--train.batch_size", "2", "--method.seg_warmup", "1"])  # fmt: skip
+    assert rc == 0
+    for name in ("toco", "fully_supervised"):
+        assert yaml.safe_load((tmp_path / "out" / name / "config.yaml").read_text())["train"]["max_iters"] == 2
 
 
 def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args, demo_root, capsys):

@@ -30,12 +30,12 @@ from wsss.bench.report import plot, render_table, summarize
 from wsss.config import (
     ConfigError,
     apply_overrides,
+    drop_section,
     dump_config,
     get_dotted,
     load_config,
     read_yaml,
     resolve,
-    split_overrides,
 )
 from wsss.data.io import DataError, atomic_write
 
@@ -178,8 +178,7 @@ def plan_rows(configs: list[str], overrides: list[str], ablate: bool, reference:
 def row_config(row: dict, overrides: list[str], seed: int):
     """The RunConfig of ``row`` at ``seed``; ``method.*`` overrides are the recipes' and skip the reference."""
     if row["reference"]:
-        pairs, _ = split_overrides(overrides)
-        over = [f"--{k}={v}" for k, v in pairs if not k.startswith("method.")] + ["--train.seed", str(seed)]
+        over = [*drop_section(overrides, "method"), "--train.seed", str(seed)]
         return reference_config(row["config"], "" if row.get("derived") else row["config"], over)
     return load_config(row["config"], [*overrides, *row["extra"], "--train.seed", str(seed)])
 

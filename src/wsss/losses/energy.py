@@ -22,7 +22,7 @@ actual side s: ``sigma_xy * s / ref_side`` (the same share of the crop) and ``we
 which keeps the energy-to-CE gradient ratio of the official 448 px setting at any crop size; at
 ``ref_side`` itself, or with ``ref_side = 0``, the constants are the official ones. Measured on the
 112 px demo recipe (3 seeds, ``toco``): the official strength lowered seg mIoU on every seed (27.50 ±
-1.16 -> 23.98 ± 1.81, paired -3.51 ± 1.27), so ``toco`` keeps the constants as given by default.
+1.16 -> 23.98 ± 1.82, paired -3.51 ± 1.27), so ``toco`` keeps the constants as given by default.
 """
 
 from __future__ import annotations
