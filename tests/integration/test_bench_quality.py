@@ -158,7 +158,7 @@ def test_bench_speed_times_every_recipe_in_one_table(tmp_path, tiny_args, capsys
     assert toco["method"] == "toco" and fs["method"] == "fully_supervised" and toco["ratio_to_first"] == 1.0
     assert fs["ratio_to_first"] == pytest.approx(fs["step_s"] / toco["step_s"])
     assert toco["ratio_to_bare"] == pytest.approx(toco["step_s"] / res["bare_fwd_bwd_s"])
-    assert toco["peak_rss_mb"] > 100 and set(res["crf_images_per_s"]) == {"dense", "torch"}
+    assert toco["peak_mem_mb"] > 100 and set(res["crf_images_per_s"]) == {"dense", "torch"}
     assert res["threads"] == torch.get_num_threads() and res["cpu_budget"] >= 1
     assert "| toco |" in (out / "speed.md").read_text() and "| fully_supervised |" in capsys.readouterr().out
     # every recipe must share the backbone, crop and batch

@@ -121,7 +121,8 @@ def _same_config(path: Path, cfg) -> bool:
 
 
 def run_seed(cfg, run_dir: Path) -> dict:
-    """Train (or read, or resume) ``cfg`` in ``run_dir``; returns {metric: value, "per_class", "minutes", "commit"}."""
+    """Train (or read, or resume) ``cfg`` in ``run_dir``; returns {metric: value, "per_class", "minutes", "commit"}
+    ("minutes": wall time of the training that finished the run, the resumed part only after a resume)."""
     from wsss.engine.trainer import Trainer
 
     done, ckpt = run_dir / "final_eval.json", run_dir / "checkpoints" / "last.pt"
@@ -158,18 +159,22 @@ def run_seed(cfg, run_dir: Path) -> dict:
 
 
 def plan_rows(configs: list[str], overrides: list[str], ablate: bool, reference: str) -> list[dict]:
-    """The rows to train: {label, config, extra, baseline, reference, cfg(seed) factory input}."""
+    """The rows to train, in order: {label, config, extra overrides, baseline label (None for the rows
+    compared with nothing), reference flag, derived (the reference is the first recipe as fully_supervised)}."""
     rows = []
+    first = variants(configs[0], overrides, False)[0][0]
     for config in configs:
         vs = variants(config, overrides, ablate)
         for label, extra in vs:
             if any(r["label"] == label for r in rows):
                 continue
-            base = vs[0][0] if ablate else variants(configs[0], overrides, False)[0][0]
+            base = vs[0][0] if ablate else first
             rows.append({"label": label, "config": config, "extra": extra, "reference": False,
                          "baseline": base if label != base else None})  # fmt: skip
     if reference != "none":
-        label = "fully_supervised"
+        label = (
+            load_config(reference, drop_section(overrides, "method")).method_name if reference else "fully_supervised"
+        )
         rows.append({"label": label, "config": reference or configs[0], "extra": [], "reference": True,
                      "baseline": None, "derived": not reference})  # fmt: skip
     return rows

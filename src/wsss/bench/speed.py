@@ -6,8 +6,8 @@ the same random batch as ``wsss bench step``: repeat by repeat, each method's st
 backbone forward+backward run in turn, so that all see the same machine conditions. Reported per
 recipe: median step (s) and its ratio to the first recipe's and to the bare forward+backward;
 inference images per second single-scale and at ToCo's multi-scale protocol (scales 1, 0.5, 1.5 with
-flip); peak memory (max RSS on CPU, measured in a fresh process per recipe so that one recipe's peak is
-not another's; max allocated on CUDA). Dense-CRF images per second for each backend, once, on one
+flip); peak memory (max RSS on CPU, max allocated on CUDA), each measured in a fresh process per recipe
+so that one recipe's peak is not another's. Dense-CRF images per second for each backend, once, on one
 prediction of the first recipe. The intra-op thread count and the CPU budget it was chosen from are
 recorded beside the figures.
 """
@@ -39,23 +39,25 @@ def default_configs() -> list[str]:
     return [str(p) for p in first + [p for p in paths if p not in first and not p.stem.startswith("_")]]
 
 
-def peak_rss_mb(config: str, overrides: list[str], steps: int = 3) -> float:
-    """Max RSS (MB) of a fresh process that builds ``config``'s method and runs ``steps`` training steps."""
-    code = (
-        "import json, resource, sys; from wsss.bench.speed import run_steps; run_steps(sys.argv[1], "
-        "json.loads(sys.argv[2]), int(sys.argv[3])); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
+def peak_memory_mb(config: str, overrides: list[str], steps: int = 3) -> dict:
+    """{"rss": max RSS (MB), "cuda": max allocated on the GPU (MB) or None} of a fresh process that builds
+    ``config``'s method and runs ``steps`` training steps: one recipe's peak, not the others' too."""
+    code = "import sys, json; from wsss.bench.speed import run_steps; print(json.dumps(run_steps(*sys.argv[1:])))"
     out = subprocess.run([sys.executable, "-c", code, config, json.dumps(overrides), str(steps)],
                          capture_output=True, text=True, check=True)  # fmt: skip
-    return int(out.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_steps(config: str, overrides: list[str], steps: int) -> None:
-    """Build ``config``'s method and run ``steps`` training steps (the memory probe's child process)."""
-    cfg = load_config(config, overrides)
-    method, opt, batch, _ = build_for_bench(cfg)
-    for _ in range(steps):
+def run_steps(config: str, overrides: str, steps: str) -> dict:
+    """The memory probe's child: build ``config``'s method, run ``steps`` training steps, report its peaks."""
+    import resource
+
+    cfg = load_config(config, json.loads(overrides))
+    method, opt, batch, device = build_for_bench(cfg)
+    for _ in range(int(steps)):
         train_once(method, opt, batch, cfg.train.max_iters - 1)
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cuda": cuda}  # ru_maxrss: KiB
 
 
 @torch.no_grad()
@@ -120,8 +122,6 @@ def bench_speed(configs: list[str], overrides: list[str], repeats: int = 5, warm
 
     for r in range(warmup + repeats):  # interleaved: every recipe and the bare pass in each round
         for i in range(len(cfgs)):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             t = _time(lambda i=i: step(i), device)[0]
             if r >= warmup:
                 steps[i].append(t)
@@ -140,10 +140,9 @@ def bench_speed(configs: list[str], overrides: list[str], repeats: int = 5, warm
             "seg_images_per_s": images_per_second(method, images, (1.0,), False, device, repeats),
             "seg_ms_flip_images_per_s": images_per_second(method, images, MULTI_SCALE, True, device, repeats),
         }  # fmt: skip
-        if device.type == "cuda":
-            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        elif memory:
-            row["peak_rss_mb"] = peak_rss_mb(config, overrides)
+        if memory:
+            mem = peak_memory_mb(config, overrides)
+            row["peak_mem_mb"] = mem["cuda"] if device.type == "cuda" else mem["rss"]
         rows.append(row)
     budget = cpu_budget()
     return {
@@ -168,7 +167,7 @@ def render_speed(res: dict, command: str = "") -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        m = r.get("peak_rss_mb", r.get("peak_mem_mb", math.nan))
+        m = r.get("peak_mem_mb", math.nan)
         lines.append(f"| {Path(r['config']).stem} | {r['step_s']:.3f} | {r['ratio_to_first']:.2f} | "
                      f"{r['ratio_to_bare']:.2f} | {r['seg_images_per_s']:.1f} | {r['seg_ms_flip_images_per_s']:.1f} | "
                      f"{'-' if math.isnan(m) else f'{m:.0f}'} |")  # fmt: skip
