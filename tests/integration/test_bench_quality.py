@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from wsss.bench import quality as q
-from wsss.bench.report import render_table, summarize
-from wsss.bench.speed import bench_speed
+from wsss.bench.report import paired_diff, render_table, summarize
+from wsss.bench.speed import bench_speed, peak_memory_mb
 from wsss.cli import main
 from wsss.config import ConfigError
 from wsss.data.io import DataError
@@ -65,6 +65,26 @@ def test_single_seed_difference_is_labelled():
     assert s["better"]["diff"]["seg"]["verdict"] == "1 seed" and s["toco"]["seg"]["n"] == 1
 
 
+def test_a_tie_on_one_seed_is_noise_and_a_zero_reference_is_no_crash():
+    base = {"0": {"seg": 0.5}, "1": {"seg": 0.5}}
+    assert paired_diff({"0": {"seg": 0.6}, "1": {"seg": 0.5}}, base, "seg")["verdict"] == "noise"
+    assert paired_diff({"0": {"seg": 0.6}, "1": {"seg": 0.7}}, base, "seg")["verdict"] == ""
+    rows = [dict(ROWS[0]), dict(ROWS[3], runs={"0": _run(0.0), "1": _run(0.68)})]
+    assert summarize(rows)["toco"]["ratio"]["mean"] == pytest.approx(0.5)  # seed 0's ratio is NaN, left out
+
+
+def test_rows_are_named_apart(tmp_path):
+    other = tmp_path / "toco_lr2.yaml"
+    other.write_text(f"_base_: {Path('configs/bench/toco.yaml').resolve()}\noptim: {{lr: 2.0e-4}}\n")
+    rows = q.plan_rows(["configs/bench/toco.yaml", str(other)], [], ablate=False, reference="none")
+    assert [r["label"] for r in rows] == ["toco", "toco_lr2"] and rows[1]["baseline"] == "toco"
+    with pytest.raises(ConfigError, match="named like an earlier one"):
+        q.plan_rows(["configs/bench/toco.yaml", "configs/bench/toco.yaml"], [], ablate=False, reference="none")
+    with pytest.raises(ConfigError, match="like a recipe row"):
+        q.plan_rows(["configs/bench/toco.yaml", "configs/bench/fully_supervised.yaml"], [], ablate=False,
+                    reference="configs/bench/fully_supervised.yaml")  # fmt: skip
+
+
 def test_ablation_switches_exactly_one_module_off_per_row():
     rows = q.plan_rows(["configs/bench/rca.yaml", "configs/bench/cpf_cte.yaml"], [], ablate=True, reference="none")
     full = {"rca": {"region_memory", "region_contrast", "region_aggregation"}, "cpf_cte": {"cf_bilstm", "class_tokens"}}
@@ -105,6 +125,15 @@ def test_data_detection(tmp_path):
     (junk / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="junk: not a dataset"):
         q.data_overrides(str(junk), "configs/bench/toco.yaml")
+
+
+def test_bench_quality_refuses_a_folder_with_a_users_table(tmp_path, tiny_args, capsys):
+    (tmp_path / "table.md").write_text("my notes\n")
+    args = ["bench", "quality", "--config", "configs/bench/toco.yaml", "--seeds", "1", "--out", str(tmp_path),
+            *tiny_args, "--train.max_iters", "2"]  # fmt: skip
+    assert main(args) == 2
+    assert "table.md exists" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert (tmp_path / "table.md").read_text() == "my notes\n"
 
 
 def test_bench_quality_trains_skips_and_resumes(tmp_path, tiny_args, monkeypatch, capsys):
@@ -167,3 +196,14 @@ def test_bench_speed_times_every_recipe_in_one_table(tmp_path, tiny_args, capsys
     i = tiny_args.index("--train.batch_size")
     with pytest.raises(ConfigError, match="train.batch_size = 4 but configs/bench/toco.yaml has 8"):
         bench_speed(["configs/bench/toco.yaml", str(other)], tiny_args[:i] + tiny_args[i + 2 :])
+
+
+def test_peak_memory_is_the_childs_own_not_its_large_parents(tiny_args):
+    # Linux carries a forking parent's resident size into the child's ru_maxrss: with that bug every
+    # recipe reported the bench process's 4140 MB. A parent holding 1 GiB must not show in the child.
+    big = torch.ones(2**28)  # 1 GiB, written, so resident
+    parent_rss = next(int(x.split()[1]) / 1024 for x in Path("/proc/self/status").read_text().splitlines()
+                      if x.startswith("VmRSS:"))  # fmt: skip
+    child = peak_memory_mb("configs/bench/toco.yaml", tiny_args, steps=1)["rss"]
+    del big
+    assert 50 < child < parent_rss - 700

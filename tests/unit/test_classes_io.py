@@ -1,9 +1,13 @@
+import os
+import stat
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from wsss.data.classes import VOC, ClassSpec, voc_palette
-from wsss.data.io import DataError, image_problem, read_image, read_mask, write_mask
+from wsss.data.io import DataError, atomic_write, image_problem, read_image, read_mask, write_mask
 
 
 def test_voc_palette_known_entries():
@@ -50,3 +54,15 @@ def test_image_problems_named(tmp_path):
         read_image(tmp_path / "d.png")
     with pytest.raises(DataError, match="missing"):
         read_image(tmp_path / "nope.jpg")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_gives_the_mode_the_umask_says(tmp_path, umask, mode):
+    # mkstemp's temporary file is 0600: written results were private whatever the user's umask
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "out.json", lambda p: Path(p).write_text("{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left

@@ -36,3 +36,13 @@ def test_threads_explicit_then_env_then_budget(monkeypatch):
         assert threads.configure_threads(2) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_host_is_warned_about_only_when_the_threads_would_not_fit(monkeypatch):
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.2, 1.0, 1.0))  # one other busy process
+    msg = threads.busy_host_warning(2, budget=2)
+    assert msg is not None and "--train.threads 1" in msg and "load average 1.2 on 2 CPUs" in msg
+    assert threads.busy_host_warning(1, budget=2) is None  # one thread fits beside it
+    assert threads.busy_host_warning(2, budget=4) is None  # 4 CPUs: two are free
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.1, 0.1))  # quiet
+    assert threads.busy_host_warning(2, budget=2) is None

@@ -41,8 +41,10 @@ from wsss.data.io import DataError, atomic_write
 
 log = logging.getLogger("wsss")
 # Keys every row must share with the first recipe: otherwise the comparison is not like for like.
-SHARED = ("model.backbone", "model.weights", "data.dataset", "data.root", "data.train_root", "data.val_root",
-          "data.val_split", "data.crop_size", "data.no_background", "eval")  # fmt: skip
+OUTPUTS = ("quality.json", "table.md", "quality.png")  # what a benchmark writes at the top of its --out
+SHARED = ("model.backbone", "model.weights", "model.seg_hidden", "data.dataset", "data.root", "data.train_root",
+          "data.val_root", "data.train_split", "data.val_split", "data.max_val_images", "data.crop_size",
+          "data.no_background", "train.batch_size", "eval")  # fmt: skip
 
 
 def variants(config: str, overrides: list[str], ablate: bool = True) -> list[tuple[str, list[str]]]:
@@ -138,7 +140,8 @@ def run_seed(cfg, run_dir: Path) -> dict:
             if run_dir.exists():  # stopped before its first checkpoint: keep it, but out of the way
                 aside = run_dir.with_name(f"{run_dir.name}.interrupted-{datetime.now():%Y%m%d-%H%M%S}")
                 run_dir.rename(aside)
-                log.info("bench quality: %s had no checkpoint; moved to %s", run_dir, aside)
+                log.info("bench quality: %s (unfinished, %s) moved to %s", run_dir,
+                         "another config" if ckpt.is_file() else "no checkpoint", aside)  # fmt: skip
             Trainer(cfg, run_dir).fit()
         info = {"minutes": (time.time() - t) / 60}
         atomic_write(run_dir / "bench_run.json", lambda p: Path(p).write_text(json.dumps(info)))
@@ -165,9 +168,12 @@ def plan_rows(configs: list[str], overrides: list[str], ablate: bool, reference:
     first = variants(configs[0], overrides, False)[0][0]
     for config in configs:
         vs = variants(config, overrides, ablate)
+        taken = {r["label"] for r in rows}
+        if vs[0][0] in taken:  # a second recipe of one method (another lr, say): named by its file instead
+            vs = [(Path(config).stem + label[len(vs[0][0]) :], extra) for label, extra in vs]
         for label, extra in vs:
-            if any(r["label"] == label for r in rows):
-                continue
+            if label in taken:
+                raise ConfigError(f"{config}: its row {label!r} is named like an earlier one; rename the file")
             base = vs[0][0] if ablate else first
             rows.append({"label": label, "config": config, "extra": extra, "reference": False,
                          "baseline": base if label != base else None})  # fmt: skip
@@ -175,6 +181,9 @@ def plan_rows(configs: list[str], overrides: list[str], ablate: bool, reference:
         label = (
             load_config(reference, drop_section(overrides, "method")).method_name if reference else "fully_supervised"
         )
+        if any(r["label"] == label for r in rows):
+            raise ConfigError(f"reference {reference or configs[0]}: named {label!r} like a recipe row; "
+                              "give it with --reference instead of --config")  # fmt: skip
         rows.append({"label": label, "config": reference or configs[0], "extra": [], "reference": True,
                      "baseline": None, "derived": not reference})  # fmt: skip
     return rows
@@ -219,6 +228,11 @@ def bench_quality(configs: list[str], out: str, seeds: int, data: str = "", over
         if cfg.train.eval_every < 0:
             raise ConfigError(f"bench quality: '{label}' has train.eval_every -1; the benchmark scores the final model")
     out_dir = Path(out)
+    theirs = [n for n in OUTPUTS if (out_dir / n).exists()]
+    if theirs and not (out_dir / "quality.json").is_file():  # a folder a benchmark never wrote: not ours to overwrite
+        raise ConfigError(
+            f"bench quality: {out_dir / theirs[0]} exists and {out_dir} holds no benchmark; give another --out"
+        )
     total, k, t0 = len(rows) * seeds, 0, time.time()
     for r in rows:
         r["runs"] = {}

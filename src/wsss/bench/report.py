@@ -30,7 +30,7 @@ def paired_diff(runs: dict, base_runs: dict, metric: str) -> dict:
     """Per-seed differences ``runs[s][metric] - base_runs[s][metric]`` over the seeds both have.
 
     Returns {"per_seed": {seed: d}, "mean", "std", "n", "verdict"}: verdict is "noise" when the
-    seeds disagree in sign, "1 seed" with one pair, "" otherwise.
+    seeds disagree in sign (a zero counts as its own sign), "1 seed" with one pair, "" otherwise.
     """
     per = {}
     for s in sorted(set(runs) & set(base_runs), key=int):
@@ -38,7 +38,7 @@ def paired_diff(runs: dict, base_runs: dict, metric: str) -> dict:
         if a is not None and b is not None and not (math.isnan(a) or math.isnan(b)):
             per[s] = a - b
     out = mean_std(list(per.values())) | {"per_seed": per}
-    signs = {math.copysign(1, d) for d in per.values() if d != 0}
+    signs = {0.0 if d == 0 else math.copysign(1, d) for d in per.values()}  # a tie on one seed is no consistent effect
     out["verdict"] = "1 seed" if len(per) == 1 else ("noise" if len(signs) > 1 else "")
     return out
 
@@ -58,7 +58,8 @@ def summarize(rows: list[dict]) -> dict:
         s = {m: mean_std([run.get(m, float("nan")) for run in runs.values()]) for m in METRICS}
         s["minutes"] = mean_std([run.get("minutes", float("nan")) for run in runs.values()])
         if ref is not None:
-            ratios = [runs[k]["seg"] / ref["runs"][k]["seg"] for k in runs if k in ref["runs"]]
+            ratios = [runs[k]["seg"] / ref["runs"][k]["seg"] if ref["runs"][k]["seg"] else float("nan")
+                      for k in runs if k in ref["runs"]]  # fmt: skip
             s["ratio"] = mean_std(ratios)
         base = by_label.get(r.get("baseline") or "")
         if base is not None and base is not r:

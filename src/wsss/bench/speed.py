@@ -50,14 +50,30 @@ def peak_memory_mb(config: str, overrides: list[str], steps: int = 3) -> dict:
 
 def run_steps(config: str, overrides: str, steps: str) -> dict:
     """The memory probe's child: build ``config``'s method, run ``steps`` training steps, report its peaks."""
-    import resource
-
     cfg = load_config(config, json.loads(overrides))
     method, opt, batch, device = build_for_bench(cfg)
     for _ in range(int(steps)):
         train_once(method, opt, batch, cfg.train.max_iters - 1)
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cuda": cuda}  # ru_maxrss: KiB
+    return {"rss": peak_rss_mb(), "cuda": cuda}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM of its own address space.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries the forking parent's resident size into it across
+    ``execve``, so every child of a large parent reports at least the parent's size (measured: 4140 MB
+    for every recipe, the parent's, until this was changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource  # no procfs (macOS: bytes, and no inheritance problem there)
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
 
 
 @torch.no_grad()

@@ -54,3 +54,22 @@ def configure_threads(threads: int = 0) -> int:
         threads = int(env) if env.isdigit() and int(env) > 0 else cpu_budget()
     torch.set_num_threads(threads)
     return threads
+
+
+def busy_host_warning(threads: int, budget: int | None = None) -> str | None:
+    """A warning when other processes already load the CPUs this run's ``threads`` will use, else None.
+
+    Intra-op threads wait on each other at every parallel region, so one busy core slows all of them:
+    measured on a 2-core machine with one other busy process, 2 threads took 2.35 s per bench step and
+    1 thread 1.12 s (quiet: 0.74 and 1.19; docs/benchmarks.md). The 1-minute load average at start is
+    only a hint (it lags, and the load may change), so this warns instead of choosing for the user."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    budget = budget or cpu_budget()
+    free = budget - load
+    if threads <= 1 or free > threads - 0.75:
+        return None
+    return (f"load average {load:.1f} on {budget} CPUs: other processes are busy; with {threads} intra-op threads "
+            f"a step can be several times slower than with --train.threads {max(1, round(free))}")  # fmt: skip

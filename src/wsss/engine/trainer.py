@@ -29,7 +29,7 @@ from wsss.data.loader import eval_loader, train_loader
 from wsss.engine import dist
 from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from wsss.engine.optim import build_optimizer, set_lr
-from wsss.engine.threads import configure_threads, cpu_budget
+from wsss.engine.threads import busy_host_warning, configure_threads, cpu_budget
 from wsss.evaluation.evaluators import format_table, run_evaluation
 from wsss.registry import METHODS
 
@@ -119,6 +119,8 @@ class Trainer:
             )
         self.micro, self.accum = micro, t.batch_size // (micro * world)
         self.threads = configure_threads(t.threads)
+        if (warning := busy_host_warning(self.threads)) and dist.is_main():
+            log.warning(warning)
         seed_everything(t.seed)
         needs_masks = METHODS.get(cfg.method_name).needs_masks  # weak methods never read training masks
         self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=needs_masks)
@@ -137,9 +139,10 @@ class Trainer:
             self._load(self.run_dir / "checkpoints" / "last.pt")
         elif dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            text = dump_config(cfg)
+            atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(text))
             env = env_info(self.method.backbone.weights_source) | {"threads": self.threads, "cpu_budget": cpu_budget()}
-            (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
+            atomic_write(self.run_dir / "env.json", lambda p: Path(p).write_text(json.dumps(env, indent=2)))
         self.tb = None
         if cfg.train.tensorboard and dist.is_main():
             try:
