@@ -8,7 +8,7 @@ import torch
 
 from wsss.bench import quality as q
 from wsss.bench.report import paired_diff, render_table, summarize
-from wsss.bench.speed import bench_speed, peak_memory_mb
+from wsss.bench.speed import bench_speed, peak_memory_mb, proc_status_mb
 from wsss.cli import main
 from wsss.config import ConfigError
 from wsss.data.io import DataError
@@ -202,8 +202,7 @@ def test_peak_memory_is_the_childs_own_not_its_large_parents(tiny_args):
     # Linux carries a forking parent's resident size into the child's ru_maxrss: with that bug every
     # recipe reported the bench process's 4140 MB. A parent holding 1 GiB must not show in the child.
     big = torch.ones(2**28)  # 1 GiB, written, so resident
-    parent_rss = next(int(x.split()[1]) / 1024 for x in Path("/proc/self/status").read_text().splitlines()
-                      if x.startswith("VmRSS:"))  # fmt: skip
+    parent_rss = proc_status_mb("VmRSS")
     child = peak_memory_mb("configs/bench/toco.yaml", tiny_args, steps=1)["rss"]
     del big
     assert 50 < child < parent_rss - 700

@@ -44,5 +44,7 @@ def test_busy_host_is_warned_about_only_when_the_threads_would_not_fit(monkeypat
     assert msg is not None and "--train.threads 1" in msg and "load average 1.2 on 2 CPUs" in msg
     assert threads.busy_host_warning(1, budget=2) is None  # one thread fits beside it
     assert threads.busy_host_warning(2, budget=4) is None  # 4 CPUs: two are free
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.2, 2.0, 2.0))  # 1.8 of 4 CPUs free: suggest 2, not 1
+    assert "--train.threads 2" in threads.busy_host_warning(4, budget=4)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.1, 0.1))  # quiet
     assert threads.busy_host_warning(2, budget=2) is None

@@ -58,18 +58,26 @@ def run_steps(config: str, overrides: str, steps: str) -> dict:
     return {"rss": peak_rss_mb(), "cuda": cuda}
 
 
+def proc_status_mb(field: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (``VmHWM``, ``VmRSS``, ...) in MB; None without procfs."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MB): VmHWM of its own address space.
 
     Not ``getrusage``'s ``ru_maxrss``: Linux carries the forking parent's resident size into it across
     ``execve``, so every child of a large parent reports at least the parent's size (measured: 4140 MB
     for every recipe, the parent's, until this was changed)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    hwm = proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource  # no procfs (macOS: bytes, and no inheritance problem there)
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
