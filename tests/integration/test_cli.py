@@ -212,7 +212,7 @@ def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args,
 
 @pytest.mark.parametrize(
     "config,extra,loss",
-    [("rca", ["--method.region_memory.enqueue_thre", "0"], "rca_sc"),
+    [("rca", ["--method.region_memory.enqueue_thre", "0", "--method.region_contrast.warmup", "0"], "rca_sc"),
      ("wsfcn", ["--model.backbone", "resnet18", "--model.aux_layer", "-2", "--method.feature_fusion.layers", "[1]"],
       "seg"),
      ("fsr", ["--method.uncertain_masking.block", "1"], "fsr_patch"),

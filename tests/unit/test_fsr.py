@@ -65,6 +65,34 @@ def test_distillation_is_zero_when_student_and_teacher_agree_and_centre_is_an_em
     c0 = d.center.clone()
     d.update_center()
     assert torch.allclose(d.center, 0.9 * c0 + 0.1 * t.mean(0, keepdim=True), atol=1e-6)  # two calls, same rows
+    # the centre can follow more rows than are distilled; the loss itself does not depend on them
+    rows = torch.randn(7, 4)
+    c1 = d.center.clone()
+    kl = d(t, torch.zeros(3, 4), 10, center_rows=rows)
+    assert torch.allclose(kl, d(t, torch.zeros(3, 4), 10))
+    d._sum, d._count = None, 0  # drop the second call's statistics
+    d(t, torch.zeros(3, 4), 10, center_rows=rows)
+    d.update_center()
+    assert torch.allclose(d.center, 0.9 * c1 + 0.1 * rows.mean(0, keepdim=True), atol=1e-6)
+
+
+def test_patch_centre_follows_every_patch_token_of_the_view_not_only_the_masked_ones():
+    m = _build()
+    b = _batch()
+    x = b["image"]
+    out = m._encode(x)
+    z = torch.zeros(1)
+    st = StepState(x, b["tags"], b["valid"], out, out.tokens, z, torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48),
+                   z, z, 5000, torch.Generator().manual_seed(0))  # fmt: skip
+    for mod in m.mods.values():
+        mod.extend(st)
+    mask = st.extras["fsr_mask"]
+    assert 0 < int(mask.sum()) < mask.numel()
+    ema = m.mods["ema_teacher"]
+    ema.distill_patch.train()
+    ema.distill_patch._sum, ema.distill_patch._count = None, 0
+    m.mods["uncertain_masking"].losses(st)
+    assert ema.distill_patch._count == mask.numel()  # FSR's code: all B x h x w tokens (here 2 x 3 x 3)
 
 
 def _build(*over, name="fsr"):

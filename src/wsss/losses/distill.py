@@ -37,15 +37,22 @@ class CenteredDistill(nn.Module):
             return self.t1
         return self.t0 + (self.t1 - self.t0) * it / self.warmup
 
-    def forward(self, teacher: torch.Tensor, student: torch.Tensor, it: int) -> torch.Tensor:
-        """Per-row KL (M,) between teacher logits (M, K) (no gradient) and student logits (M, K)."""
+    def forward(
+        self, teacher: torch.Tensor, student: torch.Tensor, it: int, center_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-row KL (M,) between teacher logits (M, K) (no gradient) and student logits (M, K).
+
+        ``center_rows`` (R, K): the teacher rows the centre is estimated from, when those are more than
+        the rows distilled (FSR: every patch token of the view, the loss only on the masked ones);
+        default ``teacher``."""
         t = teacher.detach().float()
         log_pt = torch.log_softmax((t - self.center) / self.teacher_temp(it), -1)
         log_ps = torch.log_softmax(student.float() / self.student_temp, -1)
-        if self.training and t.shape[0]:
-            s = t.sum(0, keepdim=True)
+        rows = t if center_rows is None else center_rows.detach().float()
+        if self.training and rows.shape[0]:
+            s = rows.sum(0, keepdim=True)
             self._sum = s if self._sum is None else self._sum + s
-            self._count += t.shape[0]
+            self._count += rows.shape[0]
         return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
 
     @torch.no_grad()

@@ -245,8 +245,9 @@ class UncertainMasking(PipelineModule):
         m = mask.flatten(1)  # (B, N)
         s = ema.head(tokens(out["student"])[m])
         with torch.no_grad():
-            t = ema.teacher_parts().head(tokens(out["teacher2"])[m])
-        kl = ema.distill_patch(t, s, state.it)  # (M,)
+            t_all = ema.teacher_parts().head(tokens(out["teacher2"]).flatten(0, 1))  # (B*N, K)
+        # the centre follows every patch token of the view, as FSR's code does; the loss, the masked ones
+        kl = ema.distill_patch(t_all[m.flatten()], s, state.it, center_rows=t_all)  # (M,)
         b = m.nonzero()[:, 0]
         per_img = torch.zeros(m.shape[0], device=kl.device).index_add(0, b, kl) / m.sum(1).clamp(min=1)
         return {"fsr_patch": (self.cfg.w, per_img.mean())}

@@ -15,11 +15,16 @@ stackable modules, vectorised (no loop over images, classes or bank entries):
   ``temp`` (RCA: 0.07) with all entries of the anchor's class positive and every other class's
   negative. With ``mixup`` a > 0 each anchor is mixed with another region of the batch
   (``lam ~ Beta(a, a)``, RCA: 8) and the loss is ``lam * L(class_i) + (1 - lam) * L(class_j)``.
-- ``region_aggregation`` (semantic aggregation): every token attends over the bank (scaled dot
-  product of a query projection of the token with a key projection of the entries; all entries, or
+- ``region_aggregation`` (semantic aggregation): every token attends over the bank (all entries, or
   the ``topk`` most similar per class instead of RCA's per-epoch k-means centres), and the projected
   context is added back through a per-channel gate (init ``gate_init`` 0: the pipeline starts
   unchanged) before every head, at training and at inference. With an empty bank it is a no-op.
+  Attention is the cosine of a query projection of the token and a key projection of the entry at
+  temperature ``temp``, the two projections starting equal, so that from the first step a token
+  attends to the entries that resemble it. The bank holds unit vectors and ViT tokens have norms of
+  tens: a scaled dot product of the two was uniform over the bank (entropy 0.9999 of log n on DINOv2
+  features) and added one shared vector to every token. Values are read at the tokens' scale (entries
+  times the batch's mean token norm) so the gate need not grow by that factor before the context counts.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from wsss.losses.contrast import positive_nll
 from wsss.methods.modules import PipelineModule, StepState
@@ -46,6 +52,7 @@ PRE_AGGREGATION = "pre_aggregation"  # BackboneOutput.maps key of the map before
 class RegionMemory(PipelineModule):
     """Per-class bank of region features from confident CAM regions of earlier images."""
 
+    loss_names = ("rca_bank_cos", "rca_bank_cos_other")  # weight-0 drift diagnostics, logged only
     uses = "a per-class bank of region features (checkpointed)"
 
     @dataclass(frozen=True)
@@ -71,6 +78,24 @@ class RegionMemory(PipelineModule):
         if self.training:
             b, k = (has & (torch.sigmoid(state.logits.detach()) > self.cfg.enqueue_thre)).nonzero(as_tuple=True)
             self.bank.enqueue(emb[b, k], k)
+
+    def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
+        """Weight-0 diagnostics of how far the bank has drifted from the current features: the mean cosine
+        of the step's region features to the entries of their own class (``rca_bank_cos``) and of the
+        other classes (``rca_bank_cos_other``). Empty while no region meets a filled class."""
+        b, k = state.extras["region_has"].nonzero(as_tuple=True)
+        filled = self.bank.filled()
+        with torch.no_grad():
+            f = state.extras["region_feats"][b, k].detach().float()  # (n, D) unit
+            cos = torch.einsum("nd,cmd->ncm", f, self.bank.feats)  # (n, C, M)
+            own = F.one_hot(k, filled.shape[0]).bool()[:, :, None] & filled[None]  # (n, C, M)
+            other = ~F.one_hot(k, filled.shape[0]).bool()[:, :, None] & filled[None]
+            if not own.any():
+                return {}
+            out = {"rca_bank_cos": (0.0, cos[own].mean())}
+            if other.any():
+                out["rca_bank_cos_other"] = (0.0, cos[other].mean())
+        return out
 
     def on_step_end(self, it: int) -> None:
         """Write the step's queued region features (all micro-batches and processes) into the bank."""
@@ -111,12 +136,12 @@ class RegionContrast(PipelineModule):
     class Config:
         """Loss weight, temperature, projector width, mixup concentration."""
 
-        w: float = 0.1
+        w: float = 0.01  # RCA's weight in its training loss
         temp: float = 0.07
         dim: int = 128
         mixup: float = 8.0  # Beta(a, a) concentration of the region mixup; 0: off
         min_entries: int = 1  # a class's entries take part once it holds this many
-        warmup: int = 0  # iterations before the loss starts (the bank fills from the start)
+        warmup: int = 0  # iterations before the loss starts (the bank fills from the start; RCA: 2 of 30 epochs)
 
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
@@ -153,9 +178,11 @@ class RegionAggregation(PipelineModule):
 
     @dataclass(frozen=True)
     class Config:
-        """Attention width, top-k per class, gate start."""
+        """Attention width and temperature, top-k per class, gate start."""
 
         dim: int = 128  # query / key width
+        temp: float = 0.1  # of the query-key cosine
+        cosine: bool = True  # False: the scaled dot product of the raw projections (inert on unit entries)
         topk: int = 0  # attend over the k most similar entries of each class; 0: all entries
         min_entries: int = 1  # a class's entries take part once it holds this many
         gate_init: float = 0.0
@@ -163,21 +190,34 @@ class RegionAggregation(PipelineModule):
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
         D = host.backbone.embed_dim
-        self.q, self.k = nn.Linear(D, cfg.dim), nn.Linear(D, cfg.dim)
+        # no bias: a shared offset would pull every cosine towards 1 and make it depend on the token's norm
+        self.q, self.k = nn.Linear(D, cfg.dim, bias=False), nn.Linear(D, cfg.dim, bias=False)
+        self.k.load_state_dict(self.q.state_dict())  # attention starts as the similarity of the features
         self.v, self.o = nn.Linear(D, D), nn.Linear(D, D)
         self.gate = nn.Parameter(torch.full((D,), float(cfg.gate_init)))
 
-    def context(self, x: torch.Tensor, bank: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-        """Memory context (B, N, D) for tokens x (B, N, D) from bank (C, M, D) where ``filled`` (C, M)."""
+    def scores(self, x: torch.Tensor, bank: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """Attention logits (B, N, C*M) of tokens x (B, N, D) over bank (C, M, D); -inf where not ``filled``
+        (C, M) or outside a class's top k."""
         C, M, D = bank.shape
-        sim = self.q(x) @ self.k(bank.reshape(C * M, D)).t() / math.sqrt(self.cfg.dim)  # (B, N, C*M)
+        q, k = self.q(x), self.k(bank.reshape(C * M, D))
+        if self.cfg.cosine:
+            sim = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).t() / self.cfg.temp
+        else:
+            sim = q @ k.t() / math.sqrt(self.cfg.dim)
         sim = sim.masked_fill(~filled.flatten(), float("-inf"))
         k = self.cfg.topk
         if 0 < k < M:
             per_class = sim.unflatten(-1, (C, M))
             kth = per_class.topk(k, dim=-1).values[..., -1:]  # classes with < k entries: -inf, all kept
             sim = per_class.masked_fill(per_class < kth, float("-inf")).flatten(-2)
-        return sim.softmax(-1) @ self.v(bank.reshape(C * M, D))
+        return sim
+
+    def context(self, x: torch.Tensor, bank: torch.Tensor, filled: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Memory context (B, N, D) for tokens x (B, N, D) from bank (C, M, D) where ``filled`` (C, M); the
+        entries enter the values multiplied by ``scale``."""
+        C, M, D = bank.shape
+        return self.scores(x, bank, filled).softmax(-1) @ self.v(scale * bank.reshape(C * M, D))
 
     def refine_features(self, out) -> None:
         """tokens <- tokens + gate * o(attention over the bank); unchanged while the bank is empty."""
@@ -188,7 +228,8 @@ class RegionAggregation(PipelineModule):
         feat = out.tokens
         out.maps[PRE_AGGREGATION] = feat
         x = tokens(feat)
-        ctx = self.o(self.context(x, bank.feats.to(x.dtype), filled))
+        scale = x.detach().norm(dim=-1).mean() if self.cfg.cosine else 1.0
+        ctx = self.o(self.context(x, bank.feats.to(x.dtype), filled, scale))
         y = x + self.gate.to(x.dtype) * ctx
         out.tokens = y.transpose(1, 2).reshape(feat.shape)
 
