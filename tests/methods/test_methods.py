@@ -8,7 +8,7 @@ from wsss.build import build_method
 from wsss.config import load_config
 from wsss.data.classes import ClassSpec
 from wsss.engine.optim import build_optimizer
-from wsss.registry import METHODS
+from wsss.registry import METHODS, MODULES
 
 SPEC = ClassSpec(("a", "b", "c"))
 
@@ -149,3 +149,57 @@ def test_toco_seg_loss_is_the_balanced_or_the_plain_ce(balanced):
     bal, plain = (float(f(logits, labels)) for f in (balanced_seg_loss, seg_loss))
     assert abs(bal - plain) > 1e-3  # the two weightings differ on these labels
     assert float(out.logs["seg"]) == pytest.approx(bal if balanced else plain, rel=1e-5)
+
+
+# Overrides that let every module act on the tiny batch from its second step: memories written at
+# once, losses from iteration 0, one-token mask blocks, a small teacher head.
+ACT = ["--method.region_memory.enqueue_thre", "0", "--method.temporal_contrast.enqueue_thre", "0",
+       "--method.temporal_contrast.min_entries", "1", "--method.uncertain_masking.block", "1",
+       "--method.uncertain_masking.random_iters", "0", "--method.ema_teacher.out_dim", "64",
+       "--method.ema_teacher.hidden", "32", "--method.ema_teacher.bottleneck", "16",
+       "--method.feature_fusion.layers", "[0]"]  # fmt: skip
+COMPANION = {"ema_teacher": ["self_enhancement"]}  # a host module with no loss of its own: with one user
+
+
+def _stack(name):
+    mods = []
+    for n in [name, *COMPANION.get(name, [])]:
+        mods += [d for d in MODULES.get(n).needs if d not in mods] + [n]
+    return mods
+
+
+@pytest.mark.parametrize("name", MODULES.names())
+def test_module_contract_alone_on_toco(name):
+    """Each module alone on toco (with what it needs): every loss of its own is non-zero by the second
+    step, the step's gradient reaches the module's trainable parameters, and a state-dict round trip
+    (memories, teachers, centres) gives a model that takes the same next step."""
+    mods = _stack(name)
+    over = [*TINY, "--method.seg_warmup", "0", "--method.modules", f"[{', '.join(mods)}]"]
+    for key, val in zip(ACT[::2], ACT[1::2]):
+        if key.split(".")[1] in mods:
+            over += [key, val]
+    cfg = load_config(None, over)
+    torch.manual_seed(0)
+    m = build_method(cfg, SPEC)
+    opt = build_optimizer(m, cfg.optim)
+    batch = _batch()
+    for it in range(2):
+        out = m.train_step(batch, it)
+        opt.zero_grad()
+        out.loss.backward()
+        if it == 1:
+            for loss in MODULES.get(name).loss_names:
+                assert loss in out.logs and float(out.logs[loss]) != 0.0, (loss, out.logs)
+            own = [p for p in m.mods[name].parameters() if p.requires_grad]
+            if own:
+                assert sum(float(p.grad.abs().sum()) for p in own if p.grad is not None) > 0, name
+        opt.step()
+        m.on_step_end(it)
+    torch.manual_seed(1)  # a different initialisation: everything must come from the state dict
+    again = build_method(cfg, SPEC)
+    again.load_state_dict(m.state_dict())
+    losses = []
+    for model in (m, again):
+        torch.manual_seed(2)  # the same global random state for both steps
+        losses.append(model.train_step(batch, 2).loss)
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6, abs=1e-7)

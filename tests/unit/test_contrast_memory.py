@@ -9,7 +9,7 @@ import torch
 from wsss.data.classes import ClassSpec
 from wsss.losses.contrast import memory_contrast, supcon_loss
 from wsss.methods.modules import StepState
-from wsss.methods.stcl import TemporalContrast
+from wsss.methods.stcl import SpatialContrast, TemporalContrast
 from wsss.models.blocks.memory import ClassMemoryBank
 
 
@@ -114,5 +114,63 @@ def test_temporal_bank_takes_only_confident_regions_of_confident_classes():
     out = mod.losses(_state([3.0, 3.0]))
     loss = out["mem"][1]
     assert loss.item() > 0
+    loss.backward()
+    assert mod.proj.net[0].weight.grad.abs().sum() > 0
+
+
+def _spatial(**kw):
+    host = SimpleNamespace(backbone=SimpleNamespace(embed_dim=4), classes=ClassSpec(("a", "b")))
+    torch.manual_seed(0)
+    return SpatialContrast(SpatialContrast.Config(dim=3, temp=0.5, **kw), host)
+
+
+def test_spatial_patch_contrast_takes_the_confident_tokens_with_their_labels():
+    mod = _spatial(w_class=0.0)
+    st = _state([3.0, 3.0])  # token labels [[1, 1], [255, 0]]: tokens 0, 1 class "a", token 3 background
+    tok = st.feat.flatten(2)[0].t()  # (4 tokens, 4 channels)
+    got = mod.losses(st)["sc_patch"][1]
+    assert got.item() == pytest.approx(supcon_loss(mod.proj(tok[[0, 1, 3]]), torch.tensor([1, 1, 0]), 0.5).item())
+    st.feat = st.feat.clone()
+    st.feat[0, :, 1, 0] = 10.0  # the uncertain token (label 255) takes no part
+    assert mod.losses(st)["sc_patch"][1].item() == pytest.approx(got.item())
+    st.feat[0, :, 0, 1], st.feat[0, :, 1, 1] = tok[3], tok[1]  # a class-"a" token and the background swapped
+    assert abs(mod.losses(st)["sc_patch"][1].item() - got.item()) > 1e-4
+    # a budget of 2 tokens: the loss of one 2-subset of the three confident tokens
+    mod2 = _spatial(w_class=0.0, max_tokens=2)
+    st = _state([3.0, 3.0])
+    st.gen = torch.Generator().manual_seed(0)
+    sub = mod2.losses(st)["sc_patch"][1].item()
+    cands = [supcon_loss(mod2.proj(tok[list(i)]), torch.tensor(lab), 0.5).item()
+             for i, lab in (((0, 1), [1, 1]), ((0, 3), [1, 0]), ((1, 3), [1, 0]))]  # fmt: skip
+    assert any(sub == pytest.approx(c) for c in cands), (sub, cands)
+
+
+def test_spatial_class_embeddings_are_cam_weighted_means_or_the_class_tokens():
+    mod = _spatial()
+    st = _state([3.0, 3.0])
+    emb = mod.class_embeddings(st)  # (1, 2, 4)
+    tok = st.feat.flatten(2)[0].t()
+    wa = torch.tensor([0.9, 0.8, 0.5, 0.1]) / 2.3  # class "a"'s CAM on the 4 tokens, summing to 1
+    assert torch.allclose(emb[0, 0], wa @ tok, atol=1e-6)
+    assert torch.allclose(emb[0, 1], torch.zeros(4))  # class "b" has no CAM anywhere
+    st.extras["class_tokens"] = torch.ones(1, 2, 4)
+    assert torch.equal(mod.class_embeddings(st), torch.ones(1, 2, 4))
+
+
+def test_spatial_class_contrast_acts_without_a_repeated_class_in_the_batch():
+    # one image with classes "a" and "b": the in-batch SupCon had no positive pair here and was 0
+    mod = _spatial(w_patch=0.0)
+    st = _state([3.0, 3.0])
+    st.cam = st.cam.clone()
+    st.cam[0, 1] = torch.tensor([[0.0, 0.1], [0.2, 0.9]])
+    first = mod.losses(st)["sc_class"][1]
+    assert first.item() == 0.0  # the queue is empty at the first step
+    mod.on_step_end(0)
+    assert mod.bank.count.tolist() == [1, 1]
+    loss = mod.losses(st)["sc_class"][1]
+    z = mod.proj(mod.class_embeddings(st)[0])  # (2, 3): the same embeddings the queue holds
+    s = z @ z.t().detach() / 0.5
+    expect = -(torch.log_softmax(s, 1).diagonal()).mean()  # each anchor: its own class's one entry positive
+    assert loss.item() == pytest.approx(expect.item(), abs=1e-5) and loss.item() > 0.01
     loss.backward()
     assert mod.proj.net[0].weight.grad.abs().sum() > 0

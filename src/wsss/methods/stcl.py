@@ -1,15 +1,22 @@
-"""``stcl``: spatio-temporal contrastive learning on the ToCo pipeline (two stackable modules).
+"""``stcl``: spatio-temporal contrastive learning on the ToCo pipeline.
 
 The paper (Opt. Precision Eng. 2026) publishes the ideas and VOC 72.7 / COCO 43.6 mIoU, no code;
-the choices below are ours, following the project's proposed design (seed-methods.md):
+the choices below are ours, following the project's proposed design (seed-methods.md).
 
-- ``spatial_contrast``: final patch tokens -> 2-layer MLP projector -> unit embeddings.
+The *spatial* part, "patch-level and class-level token contrastive strategies on ViT token
+representations", is most plausibly ToCo's own patch-token contrast (PTC) and class-token contrast
+(CTC), which the base pipeline already runs. So the ``stcl`` method is ToCo plus ``temporal_contrast``;
+``spatial_contrast`` is an opt-in variant that adds supervised contrast terms on the same tokens:
+
+- ``spatial_contrast`` (opt-in): final patch tokens -> 2-layer MLP projector -> unit embeddings.
   *Patch level*: SupCon (temperature ``temp``) over at most ``max_tokens`` tokens drawn at random
   (per-batch generator) among those with a confident label from the auxiliary CAM (the PTC token
   labels: class, background, or 255 in the uncertain band, which is left out). *Class level*: one
   embedding per image and present class, the final class token when the ``class_tokens`` module is on,
   else the CAM-weighted mean of the patch tokens (weights: the detached CAM of that class, normalised
-  to sum 1); SupCon across the batch (same class in other images: positives).
+  to sum 1), contrasted (InfoNCE, all entries of its class positive) against a per-class queue of the
+  ``class_bank`` latest class embeddings of earlier steps: within one micro-batch a class rarely
+  repeats, and the in-batch SupCon this replaces was exactly 0 whenever none did.
 - ``temporal_contrast``: its own projector; per image and present class, a *confident* region
   embedding (mean over tokens labelled with the class) and, with ``uncertain_anchors``, an *uncertain*
   one (tokens in the ignore band whose strongest present-class aux CAM is that class: the fine-grained
@@ -41,25 +48,28 @@ from wsss.registry import METHODS, MODULES
 
 @MODULES.register("spatial_contrast")
 class SpatialContrast(PipelineModule):
-    """Patch-level and class-level supervised contrast of the final tokens."""
+    """Patch-level SupCon of the final tokens and class-level contrast against a queue of earlier steps'
+    class embeddings (opt-in: ToCo's PTC and CTC are the ``stcl`` recipe's spatial part)."""
 
     loss_names = ("sc_patch", "sc_class")
-    uses = "class tokens when class_tokens is on"
+    uses = "class tokens when class_tokens is on; a per-class queue of class embeddings (checkpointed)"
 
     @dataclass(frozen=True)
     class Config:
-        """Weights, temperature, token budget and embedding width."""
+        """Weights, temperature, token budget, embedding width, class-embedding queue."""
 
         w_patch: float = 0.1
         w_class: float = 0.1
         temp: float = 0.1
         max_tokens: int = 1024  # tokens per step in the patch-level loss (random subset of confident ones)
         dim: int = 128
+        class_bank: int = 64  # earlier class embeddings kept per class for the class-level loss
 
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
         self.proj = MLPHead(host.backbone.embed_dim, cfg.dim)
         self.classes = host.classes
+        self.bank = ClassMemoryBank(host.classes.num_fg, cfg.class_bank, cfg.dim, 0.0)
 
     def class_embeddings(self, state: StepState) -> torch.Tensor:
         """(B, C, D): class tokens when the class_tokens module runs, else CAM-weighted token means."""
@@ -84,8 +94,16 @@ class SpatialContrast(PipelineModule):
         if c.w_class > 0:
             b, k = state.tags.nonzero(as_tuple=True)
             z = self.proj(self.class_embeddings(state)[b, k])
-            out["sc_class"] = (c.w_class, supcon_loss(z, k, c.temp))
+            if self.training:
+                self.bank.enqueue(z, k)
+            bank, bank_labels = self.bank.entries()
+            loss, _ = memory_contrast(z, k, bank.to(z.dtype), bank_labels, c.temp, gamma=0.0)
+            out["sc_class"] = (c.w_class, loss)
         return out
+
+    def on_step_end(self, it: int) -> None:
+        """Push the step's class embeddings (all micro-batches and processes) into the queue."""
+        self.bank.flush()
 
 
 @MODULES.register("temporal_contrast")
@@ -148,10 +166,11 @@ class TemporalContrast(PipelineModule):
 
 @METHODS.register("stcl")
 class STCL(ToCo):
-    """STCL: the ToCo pipeline with the ``spatial_contrast`` and ``temporal_contrast`` modules on."""
+    """STCL: the ToCo pipeline (PTC and CTC: the spatial token contrast) with ``temporal_contrast`` on."""
 
     @dataclass(frozen=True)
     class Config(ToCo.Config):
-        """ToCo's settings; ``modules`` defaults to both STCL modules."""
+        """ToCo's settings; ``modules`` defaults to the temporal memory contrast (``spatial_contrast``:
+        opt-in)."""
 
-        modules: tuple[str, ...] = ("spatial_contrast", "temporal_contrast")
+        modules: tuple[str, ...] = ("temporal_contrast",)
