@@ -99,7 +99,8 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
     out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
     report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
-              "crf": cfg.eval.crf, "classes": list(classes.seg_names), "results": res}  # fmt: skip
+              "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "classes": list(classes.seg_names),
+              "results": res}  # fmt: skip
     from wsss.data.io import atomic_write
 
     if not dist.is_main():

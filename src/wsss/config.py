@@ -98,11 +98,16 @@ class EvalConfig:
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    reduce: str = "mean"  # over scales: mean | max (ToCo's and FSR's test protocol; flips are averaged first)
     bkg_thre: float = 0.5  # fixed background threshold for CAM evaluation
     sweep: bool = True  # also report the oracle background-threshold sweep (labelled as such)
     batch_size: int = 1
     split: str = ""  # empty: data.val_split
     crf: str = "none"  # dense CRF on the seg probabilities: none | dense ([crf] extra) | torch (same CRF in torch)
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("mean", "max"):
+            raise ConfigError(f"config key 'eval.reduce' must be mean or max, got {self.reduce!r}")
 
 
 @dataclass(frozen=True)

@@ -203,3 +203,23 @@ def test_module_contract_alone_on_toco(name):
         torch.manual_seed(2)  # the same global random state for both steps
         losses.append(model.train_step(batch, 2).loss)
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6, abs=1e-7)
+
+
+def test_toco_contrast_start_and_auxiliary_pseudo_labels_before_aux_labels_until():
+    cfg = load_config(None, TINY + ["--method.seg_warmup", "0", "--method.contrast_start", "3",
+                                    "--method.aux_labels_until", "3"])  # fmt: skip
+    torch.manual_seed(0)
+    m = build_method(cfg, SPEC)
+    seen = []
+    refine = m._refine
+    m._refine = lambda cam, *a: seen.append(cam) or refine(cam, *a)
+    early, late = m.train_step(_batch(), 2), m.train_step(_batch(), 3)
+    assert "ptc" not in early.logs and "ctc" not in early.logs and "seg" in early.logs
+    assert "ptc" in late.logs and "ctc" in late.logs
+    # the same weights and batch: the two steps' CAM pairs are the same; step 2 refined the auxiliary CAM
+    from wsss.cam.cam import multi_scale_cam
+
+    with torch.no_grad():
+        cam, aux = multi_scale_cam(m._cams, _batch()["image"], cfg.method.cam_scales, cfg.method.cam_flip)
+    assert not torch.allclose(cam, aux)
+    assert torch.allclose(seen[0], aux, atol=1e-5) and torch.allclose(seen[1], cam, atol=1e-5)

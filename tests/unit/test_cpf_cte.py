@@ -75,16 +75,36 @@ def _state_of(m):
     return StepState(b["image"], b["tags"], b["valid"], out, out.tokens, z, z, z, z, z, 0)
 
 
-def test_cam_fusion_product_and_mean():
+def test_cam_fusion_hand_computed_and_warmed_in():
+    import dataclasses
+    from types import SimpleNamespace
+
     m = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]")
     mod = m.mods["class_tokens"]
-    out = m._encode(_batch()["image"])
-    cam = m.cam_head.cam(out.tokens)
-    att = ClassTokens.attention_maps(out.attn[5], 1, 3, 3)
-    cn, an = cam / (cam.amax((2, 3), keepdim=True) + 1e-5), att / (att.amax((2, 3), keepdim=True) + 1e-5)
-    assert torch.allclose(mod.fuse_cam(cam, out), cn * an)
-    object.__setattr__(mod.cfg, "fuse", "mean")
-    assert torch.allclose(mod.fuse_cam(cam, out), 0.5 * (cn + an))
+    P = mod.prefix
+    T = P + 4 + 3  # prefix, a 2 x 2 patch grid, 3 class tokens
+    attn = torch.zeros(1, 2, T, T)
+    attn[0, :, P + 4, P : P + 4] = torch.tensor([0.1, 0.2, 0.3, 0.4])  # class 0's token over the 4 patches
+    out = SimpleNamespace(attn={mod.last: attn})
+    cam = torch.zeros(1, 3, 2, 2)
+    cam[0, 0] = torch.tensor([[2.0, 4.0], [0.0, 1.0]])  # normalised: 0.5, 1, 0, 0.25; attention: .25 .5 .75 1
+
+    def fused(fuse, warm=0, steps=0):
+        mod.cfg = dataclasses.replace(mod.cfg, fuse=fuse, fuse_warmup=warm)
+        mod.steps.fill_(steps)
+        return mod.fuse_cam(cam, out)[0, 0].flatten()
+
+    close = dict(atol=1e-4)
+    assert torch.allclose(fused("product"), torch.tensor([0.125, 0.5, 0.0, 0.25]), **close)
+    assert torch.allclose(fused("geometric"), torch.tensor([0.125, 0.5, 0.0, 0.25]).sqrt(), **close)
+    assert torch.allclose(fused("mean"), torch.tensor([0.375, 0.75, 0.375, 0.625]), **close)
+    assert torch.equal(fused("none"), cam[0, 0].flatten())
+    # warm-in over 4 steps: plain normalised CAM at step 0, a quarter fused after 1, fully fused from 4
+    assert torch.allclose(fused("product", 4, 0), torch.tensor([0.5, 1.0, 0.0, 0.25]), **close)
+    assert torch.allclose(fused("product", 4, 1), torch.tensor([0.40625, 0.875, 0.0, 0.25]), **close)
+    assert torch.allclose(fused("product", 4, 9), torch.tensor([0.125, 0.5, 0.0, 0.25]), **close)
+    mod.on_step_end(2)
+    assert int(mod.steps) == 3 and "mods.class_tokens.steps" in m.state_dict()
 
 
 def test_modules_off_is_exactly_the_baseline():

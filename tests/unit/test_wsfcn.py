@@ -122,3 +122,62 @@ def test_wsfcn_gates_zero_equal_the_baseline_and_vit_only_modules_refuse_a_cnn()
     cnn = dataclasses.replace(vit, model=load_config(None, [*TINY, *CNN]).model)
     with pytest.raises(ConfigError, match="cf_bilstm hooks into ViT blocks; CNNBackbone has none"):
         build_method(cnn, SPEC)
+
+
+def test_warp_with_zero_flow_is_bilinear_upsampling_and_a_flow_moves_the_samples():
+    from wsss.models.blocks.context import warp
+
+    high = torch.randn(2, 3, 4, 5)
+    up = torch.nn.functional.interpolate(high, size=(8, 10), mode="bilinear", align_corners=False)
+    assert torch.allclose(warp(high, torch.zeros(2, 2, 8, 10)), up, atol=1e-5)
+    ramp = torch.arange(4.0).expand(1, 1, 1, 4)  # value = coarse x index
+    flow = torch.zeros(1, 2, 1, 8)
+    flow[:, 0] = 2.0  # two fine cells to the right = one coarse cell
+    got = warp(ramp, flow)[0, 0, 0]
+    base = warp(ramp, torch.zeros(1, 2, 1, 8))[0, 0, 0]
+    assert torch.allclose(got[1:5], base[1:5] + 1.0, atol=1e-5)  # inside the map: one coarse cell further
+    assert got[-1].item() == pytest.approx(3.0)  # beyond the border: clamped
+
+
+def test_flow_fusion_is_local_on_the_low_level_grid():
+    from wsss.models.blocks.context import FlowAlignedFusion
+
+    torch.manual_seed(0)
+    fuse = FlowAlignedFusion(low_dim=6, dim=4, hidden=5).eval()
+    torch.nn.init.normal_(fuse.flow.weight, std=0.3)  # a non-zero flow: the alignment takes part
+    high, low = torch.randn(1, 4, 4, 4), torch.randn(1, 6, 16, 16)
+    y = fuse(high, low)
+    assert y.shape == (1, 4, 16, 16)  # the low-level grid (stride 4 for a stride-16 final map)
+    moved = low.clone()
+    moved[0, :, 8, 8] += 3.0
+    diff = (fuse(high, moved) - y).abs().sum(1)[0]
+    assert diff[8, 8] > 1e-3  # the fine cell that changed
+    far = torch.ones(16, 16, dtype=torch.bool)
+    far[6:11, 6:11] = False  # 3x3 branch conv + 3x3 flow conv: at most 2 cells away
+    assert diff[far].max() == 0.0
+    assert (fuse(high, low) - y).abs().max() == 0.0  # deterministic (no batch statistics)
+
+
+def test_flow_fusion_module_feeds_the_seg_head_at_stride_4_of_a_cnn():
+    from wsss.methods.modules import SEG_FEATURES
+
+    torch.manual_seed(0)
+    over = [*TINY, *CNN, "--model.output_stride", "16", "--method.name", "wsfcn", "--method.modules",
+            "[feature_fusion]", "--method.feature_fusion.layers", "[0]", "--method.seg_warmup", "0"]  # fmt: skip
+    m = build_method(load_config(None, over), SPEC).eval()
+    x = torch.randn(1, 3, 64, 64)
+    out = m._encode(x)
+    assert out.tokens.shape[-2:] == (4, 4) and out.maps[SEG_FEATURES].shape[-2:] == (16, 16)
+    # gate 0: the seg head reads the upsampled final map
+    up = torch.nn.functional.interpolate(out.tokens, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.equal(out.maps[SEG_FEATURES], up)
+    before = m.predict_seg(x)
+    with torch.no_grad():
+        m.mods["feature_fusion"].gate.fill_(1.0)
+    assert not torch.allclose(m.predict_seg(x), before) and m.predict_seg(x).shape == (1, SPEC.K, 64, 64)
+    m.train()
+    loss = m.train_step(_batch(S=64), 0)
+    loss.loss.backward()
+    assert m.mods["feature_fusion"].block.low_branch[0].weight.grad.abs().sum() > 0  # the seg loss reaches it
+    with pytest.raises(ConfigError, match="mode flow fuses one low-level layer"):
+        build_method(load_config(None, [*over[:-4], "--method.feature_fusion.layers", "[0, 1]"]), SPEC)

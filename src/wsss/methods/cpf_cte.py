@@ -15,7 +15,11 @@ recipe with ``method.modules``:
   soft-margin loss, weight ``w_cls`` 1.0, logged as ``ctk_cls``). The class-to-patch attention of the
   last block, averaged over heads, is fused with the CAM: both are normalised by their per-map max and
   multiplied (``fuse: product``: the token's attention sharpens the CAM where both agree) or averaged
-  (``mean``), or not fused (``none``). Fusion applies to every CAM the pipeline makes (pseudo labels,
+  (``mean``), their geometric mean (``geometric``), or not fused (``none``). With ``fuse_warmup`` N the
+  fused map is blended in linearly over the first N optimizer steps, ``(1 - a) cam + a fused``: at
+  initialisation the product fusion lowered the share of confident foreground (CAM > 0.7) from 0.166 to
+  0.049 on DINOv2 ViT-S/14 features of 16 demo images, so the thresholds of the pseudo labels meant
+  something else from the first step. Fusion applies to every CAM the pipeline makes (pseudo labels,
   evaluation), not to the auxiliary CAM that drives the token contrast. STCL's class-level contrast
   uses these tokens when both modules are on.
 
@@ -38,7 +42,7 @@ from wsss.models.blocks.bilstm import CFBiLSTM
 from wsss.models.blocks.class_tokens import ClassTokens
 from wsss.registry import METHODS, MODULES
 
-FUSIONS = ("product", "mean", "none")
+FUSIONS = ("geometric", "product", "mean", "none")
 
 
 @MODULES.register("cf_bilstm")
@@ -96,7 +100,10 @@ class ClassTokenModule(PipelineModule):
 
         blocks: int = 2  # the class tokens take part in the last N blocks
         w_cls: float = 1.0  # multi-label loss on the class-token scores
-        fuse: str = "product"  # product | mean | none: how class attention refines the CAM
+        fuse: str = "product"  # geometric | product | mean | none: how class attention refines the CAM
+        # iterations over which the fused CAM is blended in from the plain one, so that the pseudo-label
+        # thresholds keep their meaning while the tokens learn (0: fused from the start)
+        fuse_warmup: int = 0
 
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
@@ -109,6 +116,7 @@ class ClassTokenModule(PipelineModule):
         self.prefix = bb.num_prefix
         self.last = bb.depth - 1
         self.attn_layers = (self.last,) if cfg.fuse != "none" else ()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimizer steps taken (warm-in)
 
     def attach(self, backbone) -> None:
         """Append the class tokens after block ``depth - blocks - 1``."""
@@ -126,7 +134,17 @@ class ClassTokenModule(PipelineModule):
         att = ClassTokens.attention_maps(out.attn[self.last], self.prefix, h, w).to(cam.dtype)
         cam_n = cam / (cam.amax((2, 3), keepdim=True) + 1e-5)
         att_n = att / (att.amax((2, 3), keepdim=True) + 1e-5)
-        return cam_n * att_n if self.cfg.fuse == "product" else 0.5 * (cam_n + att_n)
+        if self.cfg.fuse == "geometric":
+            fused = (cam_n * att_n).clamp_min(0).sqrt()
+        else:
+            fused = cam_n * att_n if self.cfg.fuse == "product" else 0.5 * (cam_n + att_n)
+        n = self.cfg.fuse_warmup
+        a = 1.0 if n <= 0 else min(1.0, float(self.steps) / n)
+        return fused if a >= 1.0 else (1 - a) * cam_n + a * fused
+
+    def on_step_end(self, it: int) -> None:
+        """Count the optimizer step (the fusion's warm-in follows it, and resumes with the checkpoint)."""
+        self.steps.fill_(it + 1)
 
     def extend(self, state: StepState) -> None:
         """Expose the final class tokens (B, C, D) as ``extras["class_tokens"]``."""

@@ -9,8 +9,9 @@ method section under its own name (``method.cf_bilstm.hidden``). Register with
 Order of the hooks in one training step of the host method:
 ``attach`` then ``finalize`` (once, at build) -> backbone forward (each module's ``layers`` / ``attn_layers`` are
 requested) -> ``refine_features`` on every backbone pass, training and inference, in the order of
-``method.modules`` -> ``fuse_cam`` on every CAM pass -> ``extend`` (adds entries to the step state, in
-the order of ``method.modules``) -> ``losses`` -> after the optimizer step ``on_step_end``.
+``method.modules`` (a module may also put a finer map for the seg head under ``maps[SEG_FEATURES]``)
+-> ``fuse_cam`` on every CAM pass -> ``extend`` (adds entries to the step state, in the order of
+``method.modules``) -> ``losses`` -> after the optimizer step ``on_step_end``.
 
 A module that works on another's state (RCA's contrast and aggregation on the region memory) names it
 in ``needs``; the recipe must list that module too (checked at config time), and the instance is
@@ -28,6 +29,10 @@ import torch
 import torch.nn as nn
 
 from wsss.registry import MODULES
+
+# BackboneOutput.maps key of a finer map (B, D, H, W) a module builds for the seg head (WS-FCN's fusion at
+# the low-level stride); without it the seg head reads the final map ``tokens``.
+SEG_FEATURES = "seg_features"
 
 
 @dataclass

@@ -49,7 +49,14 @@ from wsss.losses.energy import dense_energy_loss
 from wsss.losses.segmentation import balanced_seg_loss, seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
-from wsss.methods.modules import StepState, build_modules, check_backbone, check_needs, config_with_modules
+from wsss.methods.modules import (
+    SEG_FEATURES,
+    StepState,
+    build_modules,
+    check_backbone,
+    check_needs,
+    config_with_modules,
+)
 from wsss.models.backbone import split_output
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
@@ -94,6 +101,8 @@ class ToCo(Method):
         ctc_view: str = "flip"
         ctc_neg_ratio: float = 0.2
         ctc_out_dim: int = 1024
+        contrast_start: int = 0  # iterations before PTC and CTC switch on (ToCo's COCO recipe: 12000)
+        aux_labels_until: int = 0  # seg pseudo labels from the auxiliary CAM before this (ToCo's COCO: 12000)
         # pipeline modules stacked on this recipe, in order (see wsss.methods.modules; `wsss list modules`)
         modules: tuple[str, ...] = ()
 
@@ -180,8 +189,9 @@ class ToCo(Method):
         return self._cam_pair(self._encode(x))
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
-        """Classification (final + aux), PTC, CTC, and after ``seg_warmup`` seg CE on the refined pseudo
-        labels plus the energy regulariser; each loss is logged by name."""
+        """Classification (final + aux), PTC and CTC (from ``contrast_start``), and after ``seg_warmup`` seg
+        CE on the refined pseudo labels (of the auxiliary CAM before ``aux_labels_until``) plus the energy
+        regulariser; each loss is logged by name."""
         c = self.cfg
         x, tags, valid = batch["image"], batch["tags"], batch["valid"]
         B = x.shape[0]
@@ -215,10 +225,14 @@ class ToCo(Method):
             F.interpolate(aux_cam, size=(h, w), mode="bilinear", align_corners=False), tags, self.classes,
             c.high_thre, c.low_thre, valid=small_valid,
         )  # fmt: skip
-        loss_ptc = patch_token_contrast(feat, tok_labels, self.classes.ignore_index)
-        loss = loss_cls + c.w_aux_cls * loss_aux + c.w_ptc * loss_ptc
-        logs = {"cls": loss_cls.detach(), "aux_cls": loss_aux.detach(), "ptc": loss_ptc.detach()}
-        if c.w_ctc > 0:
+        loss = loss_cls + c.w_aux_cls * loss_aux
+        logs = {"cls": loss_cls.detach(), "aux_cls": loss_aux.detach()}
+        contrast = it >= c.contrast_start
+        if contrast:
+            loss_ptc = patch_token_contrast(feat, tok_labels, self.classes.ignore_index)
+            loss = loss + c.w_ptc * loss_ptc
+            logs["ptc"] = loss_ptc.detach()
+        if c.w_ctc > 0 and contrast:
             loss_ctc = self._ctc(x, glob, aux_cam, tags, sample_generator(batch, it, x.device))
             loss = loss + c.w_ctc * loss_ctc
             logs["ctc"] = loss_ctc.detach()
@@ -232,8 +246,8 @@ class ToCo(Method):
                     loss = loss + wgt * val
                     logs[name] = val.detach()
         if it >= c.seg_warmup and c.w_seg > 0:
-            labels = self._refine(cam, x, tags, valid)
-            seg = upsample(self.seg_head(feat), labels.shape[-2:])
+            labels = self._refine(aux_cam if it < c.aux_labels_until else cam, x, tags, valid)
+            seg = upsample(self.seg_head(out.maps.get(SEG_FEATURES, feat)), labels.shape[-2:])
             seg_ce = balanced_seg_loss if c.seg_balanced else seg_loss
             loss_seg = seg_ce(seg, labels, self.classes.ignore_index)
             loss = loss + c.w_seg * loss_seg
@@ -269,7 +283,8 @@ class ToCo(Method):
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""
         net = self._predictor()
-        return upsample(net.seg_head(net._encode(images, attn=False).tokens), images.shape[-2:])
+        out = net._encode(images, attn=False)
+        return upsample(net.seg_head(out.maps.get(SEG_FEATURES, out.tokens)), images.shape[-2:])
 
     def _predictor(self) -> ToCo:
         """The network that predicts: this one, unless a module hands over another (FSR's EMA teacher)."""

@@ -83,3 +83,70 @@ class SemanticFusion(nn.Module):
             d = proj(low.to(high.dtype))
             detail = detail + (d if d.shape[-2:] == size else F.adaptive_avg_pool2d(d, size))
         return high + self.gate.to(high.dtype)[:, None, None] * torch.sigmoid(self.sem(high)) * detail
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each position of a map (B, C, H, W): no batch statistics (WSSS
+    micro-batches are 2-4 crops) and no coupling between positions."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _conv_norm_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), ChannelNorm(cout), nn.ReLU())
+
+
+def warp(high: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Sample the coarse map ``high`` (B, D, h, w) at the centres of a finer grid (H, W) moved by ``flow``
+    (B, 2, H, W) (x, y offsets in fine-grid cells): (B, D, H, W). A zero flow is bilinear upsampling."""
+    B, _, H, W = flow.shape
+    ys = (torch.arange(H, device=flow.device, dtype=flow.dtype) + 0.5) * 2 / H - 1
+    xs = (torch.arange(W, device=flow.device, dtype=flow.dtype) + 0.5) * 2 / W - 1
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)  # (H, W, 2) as (x, y)
+    scale = torch.tensor([2 / W, 2 / H], device=flow.device, dtype=flow.dtype)
+    grid = base[None] + flow.permute(0, 2, 3, 1) * scale
+    return F.grid_sample(high, grid.to(high.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class FlowAlignedFusion(nn.Module):
+    """WS-FCN's semantically consistent fusion at the low-level map's resolution.
+
+    The high-level map is aligned to the low-level grid by a learned flow: both are reduced (1x1 conv
+    to ``hidden``), a 3x3 conv over their concatenation predicts a 2-channel offset field (zero at
+    initialisation: plain bilinear upsampling), and the high-level map is sampled there. Two branches
+    (3x3 conv, per-position channel norm, ReLU) on the low-level map and on the aligned high-level map
+    are multiplied elementwise, the high-level semantics gating the low-level detail; each branch adds
+    the product back (``l + l * h`` and ``h + l * h``), and a 1x1 conv maps their concatenation to D.
+    The result lives on the low-level grid.
+
+    Args:
+        low_dim: channels of the low-level map.
+        dim: channels D of the high-level map (and of the output).
+        hidden: branch width.
+    """
+
+    def __init__(self, low_dim: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.low_in, self.high_in = nn.Conv2d(low_dim, hidden, 1), nn.Conv2d(dim, hidden, 1)
+        self.flow = nn.Conv2d(2 * hidden, 2, 3, padding=1)
+        nn.init.zeros_(self.flow.weight)
+        nn.init.zeros_(self.flow.bias)
+        self.low_branch, self.high_branch = _conv_norm_relu(low_dim, hidden), _conv_norm_relu(dim, hidden)
+        self.out = nn.Conv2d(2 * hidden, dim, 1)
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """high (B, D, h, w), low (B, D_l, H, W) with H >= h -> fused (B, D, H, W)."""
+        low = low.to(high.dtype)
+        size = low.shape[-2:]
+        high_r = F.interpolate(self.high_in(high), size=size, mode="bilinear", align_corners=False)
+        flow = self.flow(torch.cat([self.low_in(low), high_r], 1))
+        aligned = warp(high, flow)
+        lo, hi = self.low_branch(low), self.high_branch(aligned)
+        prod = lo * hi
+        return self.out(torch.cat([lo + prod, hi + prod], 1))
