@@ -179,12 +179,19 @@ def test_modules_are_described_and_vit_only_stacks_are_refused_at_config_time():
         rows["region_contrast"]["needs"] == "region_memory"
         and rows["spatial_contrast"]["losses"] == "sc_patch, sc_class"
     )
-    for name, cls_loss in (("fsr", ("fsr_patch", "fsr_class")), ("rca", ("rca_sc",)), ("stcl", ("sc_patch", "mem"))):
-        # every loss a recipe's modules declare shows up by name in one training step's logs
-        extra = ["--method.region_memory.enqueue_thre", "0"] if name == "rca" else []
+    stcl_spatial = ["--method.modules", "[temporal_contrast, spatial_contrast]"]
+    for name, extra, losses, absent in (
+        ("fsr", [], ("fsr_patch", "fsr_class"), ()),
+        ("rca", ["--method.region_memory.enqueue_thre", "0"], ("rca_sc",), ()),
+        # stcl's default is ToCo plus the temporal contrast; the spatial contrast is opt-in
+        ("stcl", [], ("mem", "ptc", "ctc"), ("sc_patch", "sc_class")),
+        ("stcl", stcl_spatial, ("mem", "sc_patch", "sc_class"), ()),
+    ):
+        # every loss a recipe's modules declare shows up by name in one training step's logs, no other
         m = _build(*extra, name=name)
         logs = m.train_step(_batch(), 1).logs
-        assert set(cls_loss) <= set(logs), (name, logs.keys())
+        assert set(losses) <= set(logs), (name, logs.keys())
+        assert not set(absent) & set(logs), (name, logs.keys())
     with pytest.raises(ConfigError, match="cf_bilstm, uncertain_masking need a ViT backbone.*resnet50 is a CNN"):
         load_config(
             None, ["--model.backbone", "resnet50", "--method.modules", "[cf_bilstm, ema_teacher, uncertain_masking]"]
