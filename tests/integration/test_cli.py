@@ -215,10 +215,11 @@ def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args,
     [("rca", ["--method.region_memory.enqueue_thre", "0", "--method.region_contrast.warmup", "0"], "rca_sc"),
      ("wsfcn", ["--model.backbone", "resnet18", "--model.aux_layer", "-2", "--method.feature_fusion.layers", "[1]"],
       "seg"),
+     ("wsfcn", ["--method.context_aggregation.mode", "fca", "--method.context_aggregation.gate_init", "0.5"], "seg"),
      ("fsr", ["--method.uncertain_masking.block", "1"], "fsr_patch"),
      ("stack_lstm_mask_agg", ["--method.region_memory.enqueue_thre", "0", "--method.uncertain_masking.block", "1"],
       "fsr_patch")],
-    ids=["rca_vit", "wsfcn_resnet18", "fsr", "stack"],
+    ids=["rca_vit", "wsfcn_resnet18", "wsfcn_fca", "fsr", "stack"],
 )  # fmt: skip
 def test_demo_recipes_of_rca_wsfcn_fsr_and_a_stack_train_and_evaluate(tmp_path, tiny_args, config, extra, loss):
     run = tmp_path / config
@@ -227,7 +228,12 @@ def test_demo_recipes_of_rca_wsfcn_fsr_and_a_stack_train_and_evaluate(tmp_path, 
     steps = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert loss in [r for r in steps if "loss" in r][-1]
     assert main(["evaluate", str(run), "--split", "val"]) == 0
-    assert json.loads((run / "eval_val.json").read_text())["results"]["seg"]["miou"] >= 0
+    # evaluate reloads the checkpoint: every module's weights must come back for it to match the run's own score
+    final = json.loads((run / "final_eval.json").read_text())
+    again = json.loads((run / "eval_val.json").read_text())["results"]
+    for which in ("cam", "seg"):
+        assert again[which]["miou"] == pytest.approx(final[which]["miou"], abs=1e-9)
+        assert again[which]["iou"] == pytest.approx(final[which]["iou"], abs=1e-9, nan_ok=True)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

@@ -95,12 +95,41 @@ def test_region_contrast_uses_the_bank_without_gradient_and_reaches_the_features
     assert w == 0.1 and loss.item() == pytest.approx(expect.item(), abs=1e-6)
     loss.backward()
     assert st.feat.grad.abs().sum() > 0 and con.proj.net[0].weight.grad.abs().sum() > 0
-    # with mixup the loss changes and stays finite; the partner of the two regions is the other one
-    con2 = RegionContrast(RegionContrast.Config(temp=0.5, dim=3, mixup=8.0), host)
-    con2.deps = {"region_memory": mem}
+
+
+class _Unit(torch.nn.Module):
+    def forward(self, x):
+        return F.normalize(x, dim=-1)
+
+
+def test_region_mixup_mixes_two_regions_and_their_targets_by_hand():
+    """Beta(a, a) with a huge a draws lam = 0.5: both anchors become the mean of the two regions, and each
+    is scored half against its own class's entry and half against its partner's."""
+    host = _host()
+    mem = RegionMemory(RegionMemory.Config(size=4, momentum=0.0), host)
+    con = RegionContrast(RegionContrast.Config(w=1.0, temp=0.5, dim=4, mixup=1e7), host)
+    con.deps, con.proj = {"region_memory": mem}, _Unit()  # identity projector: the loss can be done by hand
+    e = torch.eye(4)
+    mem.bank.push(e[:2], torch.tensor([0, 1]))
     st = _state([3.0, 3.0])
+    for seed in range(100):  # a draw where the two regions are each other's partner
+        if torch.randperm(2, generator=torch.Generator().manual_seed(seed)).tolist() == [1, 0]:
+            break
+    st.gen = torch.Generator().manual_seed(seed)
     mem.extend(st)
-    assert torch.isfinite(con2.losses(st)["rca_sc"][1])
+    got = con.losses(st)["rca_sc"][1]
+    f = st.extras["region_feats"][0].detach()  # (2 classes, D)
+    z = F.normalize((f[0] + f[1]) / 2, dim=0)
+    logit = torch.stack([z[0], z[1]]) / 0.5  # cosine to the unit entries e0, e1
+    nll = torch.logsumexp(logit, 0) - logit
+    assert got.item() == pytest.approx((0.5 * nll[0] + 0.5 * nll[1]).item(), abs=1e-4)
+    # without mixup each anchor is its own region, scored on its own class only: another value
+    con0 = RegionContrast(RegionContrast.Config(w=1.0, temp=0.5, dim=4, mixup=0.0), host)
+    con0.deps, con0.proj = {"region_memory": mem}, _Unit()
+    zs = F.normalize(f, dim=1)
+    own = torch.logsumexp(zs[:, :2] / 0.5, 1) - zs[[0, 1], [0, 1]] / 0.5
+    assert con0.losses(st)["rca_sc"][1].item() == pytest.approx(own.mean().item(), abs=1e-5)
+    assert abs(own.mean().item() - got.item()) > 1e-3
 
 
 def _agg(topk=0, gate=1.0, **kw):

@@ -1,6 +1,7 @@
 """WS-FCN mechanisms (context aggregation, semantic fusion) and the CNN backbone behind the ViT interface."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,15 +14,113 @@ from wsss.models.blocks.context import ContextAggregation, SemanticFusion
 from wsss.models.cnn import CNNBackbone, is_vit
 
 
-def test_context_aggregation_sees_the_whole_map():
+def test_pooled_context_is_global_and_its_fine_grid_adds_locality():
     torch.manual_seed(0)
-    blk = ContextAggregation(dim=8, grids=(1, 2, 3), hidden=4, gate_init=1.0)
-    x = torch.randn(1, 8, 6, 6)
+    x = torch.randn(1, 8, 12, 12)
     moved = x.clone()
-    moved[0, :, 0, 0] += torch.randn(8)  # one corner cell
-    diff = (blk(moved) - blk(x)).abs().sum(1)[0]  # (6, 6)
-    assert bool((diff > 0).all())  # every output cell changes, the far corner included
-    assert float(diff.detach().min()) > 1e-4 * float(diff.detach().max())  # not rounding noise: a real dependence
+    moved[0, :, 0, 0] += 3 * torch.randn(8)  # one corner cell
+    for grids, local in (((1,), False), ((1, 6), True)):
+        torch.manual_seed(1)
+        blk = ContextAggregation(dim=8, grids=grids, hidden=16, gate_init=1.0)
+        with torch.no_grad():
+            diff = ((blk(moved) - moved) - (blk(x) - x)).abs().sum(1)[0]  # the context's change (12, 12)
+        assert bool((diff > 1e-4).all())  # every cell moves: the global branch
+        near, far = float(diff[0, 1] + diff[1, 0] + diff[1, 1]) / 3, float(diff[8:, 8:].mean())
+        # global pooling alone moves every cell alike; the 6 x 6 grid moves the corner's neighbourhood more
+        assert (near > 3 * far) == local, (grids, near, far)
+
+
+def test_separable_dilated_branch_reads_exactly_the_dilated_lattice():
+    from wsss.models.blocks.context import SeparableDilated
+
+    for k, d, lattice in ((3, 2, (-2, 0, 2)), (5, 1, (-2, -1, 0, 1, 2)), (1, 1, (0,))):
+        br = SeparableDilated(1, 1, k, d)
+        with torch.no_grad():
+            for conv in br.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    conv.weight.fill_(1.0)
+            x = torch.zeros(1, 1, 9, 10)
+            x[0, 0, 4, 4] = 1.0
+            y = br(x)[0, 0]
+        assert y.shape == (9, 10)  # the grid is kept, even width included
+        expect = torch.zeros(9, 10)
+        for a in lattice:
+            for b in lattice:
+                expect[4 + a, 4 + b] = 2.0  # both paths (column-row, row-column) reach each lattice cell once
+        assert torch.equal(y, expect), (k, d)
+    with pytest.raises(ValueError, match="odd"):
+        SeparableDilated(1, 1, 4, 1)
+
+
+def test_channel_attention_hand_computed():
+    from wsss.models.blocks.context import ChannelAttention
+
+    ca = ChannelAttention(2)
+    with torch.no_grad():
+        for conv in (ca.mlp[0], ca.mlp[2]):
+            conv.weight.copy_(torch.eye(2)[:, :, None, None])
+    x = torch.tensor([[[[1.0, 3.0]], [[-2.0, 0.0]]]])  # (1, 2, 1, 2)
+    # avg (2, -1) -> relu -> (2, 0); max (3, 0) -> (3, 0); weights sigmoid(5), sigmoid(0)
+    s5 = 1 / (1 + math.exp(-5))
+    assert torch.allclose(ca(x), torch.tensor([[[[s5, 3 * s5]], [[-1.0, 0.0]]]]), atol=1e-6)
+
+
+def test_fca_dilations_follow_the_official_ones_at_stride_8_and_16():
+    from wsss.models.blocks.context import fca_dilations
+
+    assert fca_dilations(8) == (1, 12, 24, 36) and fca_dilations(16) == (1, 6, 12, 18)
+    assert fca_dilations(14) == (1, 7, 14, 21) and fca_dilations(32) == (1, 3, 6, 9)
+
+
+def test_fca_is_identity_at_gate_zero_and_its_context_is_global_plus_dilated_local():
+    from wsss.models.blocks.context import FlexibleContext
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 12, 12)
+    blk = FlexibleContext(8, 6, kernels=(1, 3), dilations=(1, 2), dropout=0.5)
+    y = blk(x)
+    assert torch.equal(y, x)
+    y.pow(2).sum().backward()
+    assert blk.gate.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    blk = FlexibleContext(8, 6, kernels=(1, 3), dilations=(1, 2), dropout=0.5, gate_init=1.0).eval()
+    moved = x.clone()
+    moved[0, :, 0, 0] += 3 * torch.randn(8)
+    with torch.no_grad():
+        diff = (blk.context(moved) - blk.context(x)).abs().sum(1)[0]  # (12, 12)
+        assert torch.equal(blk(x), blk(x))  # eval: no dropout, no batch statistics
+    assert bool((diff > 1e-5).all())  # global pooling and the max-pooled channel attention reach every cell
+    lattice = float(diff[0, 2] + diff[2, 0] + diff[2, 2]) / 3  # the 3-tap dilation-2 branch's reach
+    off = float(diff[1, 1] + diff[0, 1] + diff[1, 0]) / 3  # next to the corner, off the dilated lattice
+    far = float(diff[6:, 6:].mean())
+    assert lattice > 5 * far and lattice > 5 * off, (lattice, off, far)
+    glob = FlexibleContext(8, 6, kernels=(), dilations=(), gate_init=1.0).eval()
+    with torch.no_grad():
+        inner = glob.context(x)[..., 1:-1, 1:-1]  # away from the spatial attention's zero padding
+    assert float(inner.std((2, 3)).max()) < 1e-5  # global pooling alone: one vector for every cell
+    blk.train()
+    with torch.no_grad():
+        assert not torch.equal(blk(x), blk(x))  # dropout 0.5 on the context while training
+
+
+def test_fca_module_takes_its_dilations_from_the_backbone_stride_and_checks_its_config():
+    over = [*TINY, "--method.name", "wsfcn", "--method.modules", "[context_aggregation]"]
+    m = build_method(load_config(None, over), SPEC)
+    mod = m.mods["context_aggregation"]
+    assert mod.dilations == fca_dilations_of(m.backbone.patch_size) and len(mod.block.branches) == 4
+    m = build_method(load_config(None, [*over, "--method.context_aggregation.dilations", "[1, 2, 3, 4]"]), SPEC)
+    assert [b.col[0].dilation for b in m.mods["context_aggregation"].block.branches] == [(d, d) for d in (1, 2, 3, 4)]
+    for bad, msg in ((["--method.context_aggregation.kernels", "[1, 4]"], "must be odd"),
+                     (["--method.context_aggregation.dilations", "[1, 2]"], "one\\s+dilation"),
+                     (["--method.context_aggregation.mode", "aspp"], "must be fca or pool")):  # fmt: skip
+        with pytest.raises(ConfigError, match=msg):
+            build_method(load_config(None, [*over, *bad]), SPEC)
+
+
+def fca_dilations_of(stride):
+    from wsss.models.blocks.context import fca_dilations
+
+    return fca_dilations(stride)
 
 
 def test_context_aggregation_gate_zero_is_identity_with_gradient():

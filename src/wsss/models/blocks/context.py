@@ -1,4 +1,5 @@
-"""WS-FCN's two blocks: flexible context aggregation and semantically consistent bottom-up fusion."""
+"""WS-FCN's blocks: flexible context aggregation (the official FCA operator and a pooled-grid variant) and
+semantically consistent bottom-up fusion (flow-aligned on the low-level grid, and a pooled variant)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 
 class ContextAggregation(nn.Module):
-    """Global context at several granularities, fused back into the map through a residual gate.
+    """Pooled-grid context (our variant of FCA): global context at several granularities, fused back into
+    the map through a residual gate.
 
     For each grid size g in ``grids`` the map is average-pooled to g x g cells, reduced (1x1 conv),
     aggregated across adjacent cells (3x3 conv on the pooled grid: each cell also sees its neighbours),
@@ -49,6 +51,125 @@ class ContextAggregation(nn.Module):
         return x + self.gate.to(x.dtype)[:, None, None] * ctx
 
 
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each position of a map (B, C, H, W): no batch statistics (WSSS
+    micro-batches are 2-4 crops) and no coupling between positions."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def fca_dilations(stride: int, base: tuple[int, ...] = (1, 12, 24, 36)) -> tuple[int, ...]:
+    """WS-FCN's FCA dilations for a feature map of ``stride``: ``base`` at stride 8 (the code's 1, 12, 24,
+    36; 1, 6, 12, 18 at 16), scaled by 8 / stride and rounded, at least 1."""
+    return tuple(max(1, round(d * 8 / stride)) for d in base)
+
+
+class SeparableDilated(nn.Module):
+    """One FCA branch: ``k x 1`` then ``1 x k`` plus ``1 x k`` then ``k x 1``, all at dilation ``d``, padded
+    so that the grid is kept. Output cell (i, j) reads the input cells (i + a d, j + b d), |a|, |b| <= k // 2:
+    a sparse k x k lattice, as wide as a (k - 1) d + 1 kernel at the cost of four 1-D ones.
+
+    Args:
+        cin, cout: channels in and out.
+        k: odd kernel length.
+        d: dilation.
+    """
+
+    def __init__(self, cin: int, cout: int, k: int, d: int) -> None:
+        super().__init__()
+        if k % 2 != 1:
+            raise ValueError(f"FCA kernel sizes must be odd, got {k}")
+        p = d * (k - 1) // 2
+        self.col = nn.Sequential(
+            nn.Conv2d(cin, cout, (k, 1), padding=(p, 0), dilation=d, bias=False),
+            nn.Conv2d(cout, cout, (1, k), padding=(0, p), dilation=d, bias=False),
+        )
+        self.row = nn.Sequential(
+            nn.Conv2d(cin, cout, (1, k), padding=(0, p), dilation=d, bias=False),
+            nn.Conv2d(cout, cout, (k, 1), padding=(p, 0), dilation=d, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, cin, h, w) -> (B, cout, h, w)."""
+        return self.col(x) + self.row(x)
+
+
+class ChannelAttention(nn.Module):
+    """Per-channel weights from a shared two-layer MLP over the average- and max-pooled map, summed,
+    sigmoid (CBAM's form, as WS-FCN's code): (B, C, h, w) -> x * w, w (B, C, 1, 1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.ReLU(), nn.Conv2d(dim, dim, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> (B, C, h, w)."""
+        return x * torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+
+
+class FlexibleContext(nn.Module):
+    """WS-FCN's flexible context aggregation (FCA), added to the map through a residual gate.
+
+    Four branches of separable dilated kernels (:class:`SeparableDilated`; kernel sizes 1, 3, 5, 7 at
+    dilations 1, 12, 24, 36 on a stride-8 map), each reweighted by one channel attention shared by all
+    branches, plus a global-average-pooling branch (1x1 conv, ReLU) broadcast over the grid; the five are
+    concatenated, fused (1x1 conv, per-position channel norm), weighted by a residual spatial attention
+    (``y + y * sigmoid(conv3x3([mean_c y, max_c y]))``) and dropped out (0.5), as the official code. Our
+    adaptation: the official output (``hidden`` channels) replaces the features; here a 1x1 conv maps it
+    back to D and it is added, ``x + gate * out(y)`` with a per-channel gate (0 at start: the unchanged
+    pipeline), and the norm is a per-position LayerNorm, not BatchNorm, because the CAM passes without
+    gradient at several scales would otherwise move the running statistics.
+
+    Args:
+        dim: channels D of the map.
+        hidden: channels per branch (the code's 256).
+        kernels: odd kernel length per branch.
+        dilations: dilation per branch (see :func:`fca_dilations`).
+        dropout: dropout on the fused context.
+        gate_init: start of the per-channel gate.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        kernels: tuple[int, ...] = (1, 3, 5, 7),
+        dilations: tuple[int, ...] = (1, 12, 24, 36),
+        dropout: float = 0.5,
+        gate_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(kernels) != len(dilations):
+            raise ValueError(f"FCA needs one dilation per kernel, got kernels {kernels}, dilations {dilations}")
+        self.branches = nn.ModuleList(SeparableDilated(dim, hidden, k, d) for k, d in zip(kernels, dilations))
+        self.ca = ChannelAttention(hidden)
+        self.pool = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=False), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(hidden * (len(kernels) + 1), hidden, 1, bias=False), ChannelNorm(hidden))
+        self.spatial = nn.Conv2d(2, 1, 3, padding=1, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Conv2d(hidden, dim, 1)
+        self.gate = nn.Parameter(torch.full((dim,), float(gate_init)))
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """The FCA output before the projection back to D: (B, D, h, w) -> (B, hidden, h, w)."""
+        h, w = x.shape[-2:]
+        outs = [self.ca(b(x)) for b in self.branches]
+        outs.append(self.pool(x.mean((2, 3), keepdim=True)).expand(-1, -1, h, w))
+        y = self.fuse(torch.cat(outs, 1))
+        y = y + y * torch.sigmoid(self.spatial(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
+        return self.drop(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, D, h, w): ``x + gate * out(context(x))``."""
+        return x + self.gate.to(x.dtype)[:, None, None] * self.out(self.context(x))
+
+
 class SemanticFusion(nn.Module):
     """Bottom-up fusion of low-level maps into the high-level one, gated by the high-level semantics.
 
@@ -83,19 +204,6 @@ class SemanticFusion(nn.Module):
             d = proj(low.to(high.dtype))
             detail = detail + (d if d.shape[-2:] == size else F.adaptive_avg_pool2d(d, size))
         return high + self.gate.to(high.dtype)[:, None, None] * torch.sigmoid(self.sem(high)) * detail
-
-
-class ChannelNorm(nn.Module):
-    """LayerNorm over the channels of each position of a map (B, C, H, W): no batch statistics (WSSS
-    micro-batches are 2-4 crops) and no coupling between positions."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W)."""
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _conv_norm_relu(cin: int, cout: int) -> nn.Sequential:
