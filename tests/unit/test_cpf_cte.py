@@ -8,7 +8,7 @@ from tests.methods.test_methods import SPEC, _batch
 from wsss.build import build_method
 from wsss.config import ConfigError, load_config
 from wsss.models.blocks.bilstm import CFBiLSTM
-from wsss.models.blocks.class_tokens import ClassTokens
+from wsss.models.blocks.class_tokens import ClassTokens, gated_block
 
 
 def test_bilstm_sees_whole_row_and_column_and_nothing_else():
@@ -46,6 +46,42 @@ def test_class_token_attention_maps_pick_class_rows_and_patch_columns():
     assert maps.shape == (1, 2, 2, 2)
     assert torch.allclose(maps[0, 0], torch.tensor([[0.2, 0.2], [0.2, 0.2]]))
     assert torch.allclose(maps[0, 1], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
+
+
+def test_gated_block_is_the_timm_block_at_gate_1_and_ignores_the_class_tokens_at_gate_0():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    blk = Block(dim=16, num_heads=2).eval()
+    x = torch.randn(2, 1 + 9 + 3, 16)  # prefix + 3x3 patches + 3 class tokens
+    with torch.no_grad():
+        full, alone = blk(x), blk(x[:, :10])
+        one, zero = gated_block(blk, x, 3, torch.tensor(1.0)), gated_block(blk, x, 3, torch.tensor(0.0))
+        half = gated_block(blk, x, 3, torch.tensor(0.5))
+    assert torch.allclose(one, full, atol=1e-5)  # gate 1: the block's own joint attention
+    assert torch.allclose(zero[:, :10], alone, atol=1e-5)  # gate 0: patches as if no class token were there
+    assert torch.allclose(zero[:, 10:], full[:, 10:], atol=1e-5)  # the class tokens still read everything
+    assert (half[:, :10] - full[:, :10]).abs().amax() > 1e-3 and (half[:, :10] - alone).abs().amax() > 1e-3
+
+
+def test_class_tokens_start_as_the_identity_and_their_read_gate_learns():
+    x = _batch()["image"]
+    base = _build("--method.name", "cpf_cte", "--method.modules", "[]")
+    m = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]")
+    m.backbone.load_state_dict(base.backbone.state_dict())
+    with torch.no_grad():
+        ref = base.backbone(x).tokens
+    out = m.backbone(x)
+    assert torch.allclose(out.tokens, ref, atol=1e-5) and out.extra.shape[1] == SPEC.num_fg  # patches intact
+    m.cam_head.load_state_dict(base.cam_head.state_dict())
+    m.cam_head(out.tokens).sum().backward()  # a loss on the patches only
+    tok = m.mods["class_tokens"].tok
+    assert tok.gate.grad is not None and tok.gate.grad.abs().min() > 0  # both gates (blocks 4, 5) learn
+    opened = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]",
+                    "--method.class_tokens.read_gate_init", "1.0")  # fmt: skip
+    opened.backbone.load_state_dict(base.backbone.state_dict())
+    with torch.no_grad():
+        assert (opened.backbone(x).tokens - ref).abs().amax() > 1e-3  # joint attention: the tokens act at once
 
 
 def _build(*over):

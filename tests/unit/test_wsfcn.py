@@ -101,6 +101,10 @@ def test_fca_is_identity_at_gate_zero_and_its_context_is_global_plus_dilated_loc
     blk.train()
     with torch.no_grad():
         assert not torch.equal(blk(x), blk(x))  # dropout 0.5 on the context while training
+        # The step's generator decides the mask (2 processes == 1 accumulating process), about half dropped.
+        a, b = (blk.context(x, torch.Generator().manual_seed(7)) for _ in range(2))
+        assert torch.equal(a, b) and not torch.equal(a, blk.context(x, torch.Generator().manual_seed(8)))
+        assert 0.4 < float((a == 0).float().mean()) < 0.6
 
 
 def test_fca_module_takes_its_dilations_from_the_backbone_stride_and_checks_its_config():

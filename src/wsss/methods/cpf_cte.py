@@ -20,7 +20,10 @@ recipe with ``method.modules``:
   initialisation the product fusion lowered the share of confident foreground (CAM > 0.7) from 0.166 to
   0.049 on DINOv2 ViT-S/14 features of 16 demo images, so the thresholds of the pseudo labels meant
   something else from the first step. Fusion applies to every CAM the pipeline makes (pseudo labels,
-  evaluation), not to the auxiliary CAM that drives the token contrast. STCL's class-level contrast
+  evaluation), not to the auxiliary CAM that drives the token contrast. The patches read the class
+  tokens through a gate per block (``read_gate_init``, default 0: the attention to the tokens is scaled
+  by the gate and renormalised, so the backbone's patch output starts as without tokens; 1: timm's
+  block). STCL's class-level contrast
   uses these tokens when both modules are on.
 
 New parameters (LSTMs, fusion, gate, tokens, score weights) train at the head learning rate.
@@ -39,7 +42,7 @@ from wsss.losses.classification import multilabel_loss
 from wsss.methods.modules import PipelineModule, StepState, block_hooks
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.bilstm import CFBiLSTM
-from wsss.models.blocks.class_tokens import ClassTokens
+from wsss.models.blocks.class_tokens import ClassTokens, gated_block
 from wsss.registry import METHODS, MODULES
 
 FUSIONS = ("geometric", "product", "mean", "none")
@@ -86,6 +89,10 @@ def _append_hook(tok: ClassTokens, t: torch.Tensor, hw: tuple[int, int]) -> torc
     return tok.append(t)
 
 
+def _gated_runner(tok: ClassTokens, j: int, blk: nn.Module, t: torch.Tensor, n_app: int) -> torch.Tensor:
+    return gated_block(blk, t, n_app, tok.read_gate(j))
+
+
 @MODULES.register("class_tokens")
 class ClassTokenModule(PipelineModule):
     """Learnable class tokens: class scores and class-to-patch attention fused with the CAM."""
@@ -104,6 +111,9 @@ class ClassTokenModule(PipelineModule):
         # iterations over which the fused CAM is blended in from the plain one, so that the pseudo-label
         # thresholds keep their meaning while the tokens learn (0: fused from the start)
         fuse_warmup: int = 0
+        # how much the patches read from the class tokens (gated attention, one gate per block); 0: the
+        # backbone's output starts as without the tokens, 1: plain joint attention from the start
+        read_gate_init: float = 0.0
 
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
@@ -112,7 +122,7 @@ class ClassTokenModule(PipelineModule):
             raise ConfigError(f"config key method.class_tokens.blocks must be in 1..{bb.depth - 1}, got {cfg.blocks}")
         if cfg.fuse not in FUSIONS:
             raise ConfigError(f"config key method.class_tokens.fuse must be one of {FUSIONS}, got '{cfg.fuse}'")
-        self.tok = ClassTokens(host.classes.num_fg, bb.embed_dim)
+        self.tok = ClassTokens(host.classes.num_fg, bb.embed_dim, cfg.blocks, cfg.read_gate_init)
         self.prefix = bb.num_prefix
         self.last = bb.depth - 1
         self.attn_layers = (self.last,) if cfg.fuse != "none" else ()
@@ -122,9 +132,14 @@ class ClassTokenModule(PipelineModule):
         """Append the class tokens after block ``depth - blocks - 1``."""
         # A partial of a module (not a lambda): deep copies of the host (FSR's EMA teacher) then call
         # their own copy of the tokens.
-        block_hooks(backbone, "class_tokens").setdefault(backbone.depth - self.cfg.blocks - 1, []).append(
+        first = backbone.depth - self.cfg.blocks
+        block_hooks(backbone, "class_tokens").setdefault(first - 1, []).append(
             functools.partial(_append_hook, self.tok)
         )
+        for j in range(self.cfg.blocks):
+            if first + j in backbone.block_runners:
+                raise ConfigError(f"method.class_tokens: block {first + j} already has a block runner")
+            backbone.block_runners[first + j] = functools.partial(_gated_runner, self.tok, j)
 
     def fuse_cam(self, cam: torch.Tensor, out) -> torch.Tensor:
         """CAM (B, C, h, w) refined by the class-to-patch attention of the last block."""

@@ -137,6 +137,7 @@ class ToCo(Method):
         if cfg.w_ctc > 0:
             self.proj = ProjectionHead(D, cfg.ctc_out_dim)
             self.proj_t = copy.deepcopy(self.proj).requires_grad_(False)
+        self.step_gen: torch.Generator | None = None  # the training step's sample-seeded generator
         self.mods = build_modules(tuple(cfg.modules), cfg, self)
         for m in self.mods.values():
             m.attach(backbone)
@@ -195,6 +196,8 @@ class ToCo(Method):
         c = self.cfg
         x, tags, valid = batch["image"], batch["tags"], batch["valid"]
         B = x.shape[0]
+        # Random choices inside backbone passes (module dropout) draw from this, not the global RNG.
+        self.step_gen = sample_generator(batch, it, x.device, stream=2)
         if c.w_ctc > 0:
             s2 = c.ctc_global_scale
             if c.ctc_view == "random":

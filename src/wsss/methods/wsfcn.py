@@ -67,6 +67,7 @@ class ContextAggregationModule(PipelineModule):
 
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
+        self._host = [host]  # a list: the host is not registered as a submodule
         bb = host.backbone
         D = bb.embed_dim
         hidden = cfg.hidden or max(D // 4, 1)
@@ -86,7 +87,10 @@ class ContextAggregationModule(PipelineModule):
 
     def refine_features(self, out) -> None:
         """tokens (B, D, h, w) <- tokens + gate * context."""
-        out.tokens = self.block(out.tokens)
+        if isinstance(self.block, FlexibleContext):
+            out.tokens = self.block(out.tokens, getattr(self._host[0], "step_gen", None))
+        else:
+            out.tokens = self.block(out.tokens)
 
 
 @MODULES.register("feature_fusion")

@@ -131,6 +131,9 @@ class ViTBackbone(nn.Module):
         self.embed_hook = None  # fn(tokens (B, h, w, D)) -> tokens, before position embedding
         # block index -> [fn(x (B, T, D), hw) -> x]; a hook may append tokens after the patches
         self.block_hooks: dict[int, list] = {}
+        # block index -> fn(blk, x (B, T, D), n_app) -> x run instead of blk(x) while n_app > 0 tokens
+        # are appended after the patches (class tokens' gated read-back)
+        self.block_runners: dict[int, object] = {}
 
     def _index(self, i: int) -> int:
         return i % self.depth
@@ -161,7 +164,8 @@ class ViTBackbone(nn.Module):
         for i, blk in enumerate(vit.blocks):
             if i in want_attn:
                 out_attn[i] = attention_map(blk, t)
-            t = blk(t)
+            n_app = t.shape[1] - P - h * w
+            t = self.block_runners[i](blk, t, n_app) if n_app > 0 and i in self.block_runners else blk(t)
             for fn in self.block_hooks.get(i, ()):
                 t = fn(t, (h, w))
             if i in want:

@@ -152,22 +152,27 @@ class FlexibleContext(nn.Module):
         self.pool = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=False), nn.ReLU())
         self.fuse = nn.Sequential(nn.Conv2d(hidden * (len(kernels) + 1), hidden, 1, bias=False), ChannelNorm(hidden))
         self.spatial = nn.Conv2d(2, 1, 3, padding=1, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.p = float(dropout)
         self.out = nn.Conv2d(hidden, dim, 1)
         self.gate = nn.Parameter(torch.full((dim,), float(gate_init)))
 
-    def context(self, x: torch.Tensor) -> torch.Tensor:
-        """The FCA output before the projection back to D: (B, D, h, w) -> (B, hidden, h, w)."""
+    def context(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The FCA output before the projection back to D: (B, D, h, w) -> (B, hidden, h, w). The
+        training-mode dropout mask is drawn from ``gen`` (the step's sample-seeded generator) so that
+        processes and accumulated micro-batches draw the same masks; None: the global RNG."""
         h, w = x.shape[-2:]
         outs = [self.ca(b(x)) for b in self.branches]
         outs.append(self.pool(x.mean((2, 3), keepdim=True)).expand(-1, -1, h, w))
         y = self.fuse(torch.cat(outs, 1))
         y = y + y * torch.sigmoid(self.spatial(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
-        return self.drop(y)
+        if self.training and self.p > 0:
+            keep = torch.rand(y.shape, generator=gen, device=y.device) >= self.p
+            y = y * keep.to(y.dtype) / (1 - self.p)
+        return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) -> (B, D, h, w): ``x + gate * out(context(x))``."""
-        return x + self.gate.to(x.dtype)[:, None, None] * self.out(self.context(x))
+    def forward(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """(B, D, h, w) -> (B, D, h, w): ``x + gate * out(context(x, gen))``."""
+        return x + self.gate.to(x.dtype)[:, None, None] * self.out(self.context(x, gen))
 
 
 class SemanticFusion(nn.Module):
