@@ -14,7 +14,10 @@ from wsss.registry import BACKBONES, DATASETS, METHODS
 def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool) -> SegDataset:
     """The dataset of ``split``: training crops (``train``) or whole images."""
     d = cfg.data
-    tf = TrainTransform(d.crop_size, tuple(d.scale_range), d.hflip, d.color_jitter) if train else EvalTransform()
+    if train:
+        tf = TrainTransform(d.crop_size, tuple(d.scale_range), d.hflip, d.color_jitter, d.p_gray, d.p_blur)
+    else:
+        tf = EvalTransform()
     try:
         builder = DATASETS.get(d.dataset)
     except KeyError as e:

@@ -39,6 +39,8 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     color_jitter: float = 0.3  # brightness/contrast/saturation strength; 0 switches it off
+    p_gray: float = 0.0  # probability of a greyscale training image (ToCo: 0.2)
+    p_blur: float = 0.0  # probability of a Gaussian blur, radius 0.1-2 px (ToCo's training view: 1.0)
     num_workers: int = 2
     max_val_images: int = 0  # 0: all
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from wsss.cam.cam import minmax_normalize, multi_scale_cam
@@ -48,3 +49,25 @@ def test_refine_pseudo_labels_keeps_confident_and_uses_present_classes_only():
     tags = torch.tensor([[0.0, 1.0, 0.0]])
     lab = refine_pseudo_labels(cam, image, tags, SPEC, scale=1.0, dilations=(1, 2))
     assert (lab[0, :, :4] == 0).all() and (lab[0, :, 4:] == 2).all()
+
+
+def test_cam_head_topk_pooling_averages_each_class_top_fraction_of_patch_logits_by_hand():
+    from wsss.models.heads import CAMHead
+
+    feat = torch.zeros(1, 2, 2, 5)  # 10 patches; channel 0 drives class 0, channel 1 class 1
+    feat[0, 0] = torch.tensor([[1.0, 9.0, 2.0, 0.0, 3.0], [4.0, 0.0, 8.0, 0.0, 0.0]])
+    feat[0, 1, 1, 4] = 5.0
+    feat[0, 1, 0, 0] = -5.0  # class 0 logits [[6, 9, 2, 0, 3], [4, 0, 8, 0, -5]]
+    for pool, topk, want in [("topk", 0.2, [8.5, 2.5]), ("topk", 0.25, [23 / 3, 5 / 3]), ("topk", 0.01, [9.0, 5.0]),
+                             ("gmp", 0.1, [9.0 - 5.0, 5.0])]:  # fmt: skip
+        head = CAMHead(2, 2, pool, topk)
+        with torch.no_grad():
+            head.conv.weight.copy_(torch.tensor([[1.0, -1.0], [0.0, 1.0]])[:, :, None, None])
+        x = feat.clone().requires_grad_(True)
+        got = head(x)
+        assert torch.allclose(got, torch.tensor([want])), (pool, topk, got)
+        if pool == "topk" and topk == 0.2:  # only the two top patches of class 0 (values 9 and 8) get gradient
+            got[0, 0].backward()
+            assert torch.equal(x.grad[0, 0] != 0, (feat[0, 0] >= 8))
+    with pytest.raises(ValueError, match="gmp or topk"):
+        CAMHead(2, 2, "mean")

@@ -69,6 +69,7 @@ def test_ctc_second_view_flip_or_independent_random_resized_crop():
     from wsss.config import load_config
     from wsss.data.views import random_resized_view
     from wsss.methods.base import sample_generator
+    from wsss.methods.toco import TOCO_VIEW2
 
     batch = {**_batch(), "index": torch.tensor([3, 5])}
     for view in ("flip", "random"):
@@ -85,5 +86,6 @@ def test_ctc_second_view_flip_or_independent_random_resized_crop():
         if view == "flip":
             assert torch.equal(second, x.flip(-1))
         else:
-            expect = random_resized_view(x, sample_generator(batch, 0, x.device, stream=1)).image
+            gen = sample_generator(batch, 0, x.device, stream=1)
+            expect = random_resized_view(x, gen, (0.4, 1.0), p_jitter=0.8, **TOCO_VIEW2).image
             assert torch.equal(second, expect) and not torch.equal(second, x.flip(-1))

@@ -98,3 +98,44 @@ def test_demo_generator_is_deterministic_and_objects_have_parts():
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert set(np.unique(a[1])) - {0, 255}  # at least one object
     assert (a[1] == 255).any()  # void band on borders
+
+
+def test_gaussian_blur_grey_and_solarise_by_hand():
+    from wsss.data.transforms import gaussian_blur, grayscale
+    from wsss.data.views import random_resized_view
+
+    x = torch.zeros(2, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0  # an impulse: the blurred image is the kernel itself
+    y = gaussian_blur(x, torch.tensor([1.0, 0.5]))
+    g = torch.exp(-(torch.arange(-3.0, 4.0) ** 2) / 2)
+    g = g / g.sum()
+    assert torch.allclose(y[0, 0, 1:8, 1:8], g[:, None] * g[None], atol=1e-6)  # sigma 1: radius 3
+    assert float(y[1, 0, 4, 4]) > float(y[0, 0, 4, 4]) and torch.allclose(y.sum((2, 3)), torch.ones(2, 1))
+    flat = torch.full((1, 3, 6, 6), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([2.0])), flat)  # reflect padding keeps a flat image
+    rgb = torch.tensor([1.0, 0.5, 0.0])[None, :, None, None].expand(1, 3, 2, 2)
+    assert torch.allclose(grayscale(rgb), torch.full((1, 3, 2, 2), 0.299 + 0.5 * 0.587))
+    # Probability 1 switches each on for every image, 0 leaves the view (and its random stream) as without.
+    img = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) - 0.45) / 0.226
+    base = random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0).image
+    same = random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0, p_gray=0.0, p_blur=0.0).image
+    assert torch.equal(base, same)
+    grey = random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0, p_gray=1.0).image
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    grey_rgb = grey * std + mean
+    assert torch.allclose(grey_rgb[:, 0], grey_rgb[:, 2], atol=1e-5) and not torch.allclose(base, grey)
+    sol = random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0, p_solarize=1.0).image * std + mean
+    b = (base * std + mean).clamp(0, 1)
+    assert torch.allclose(sol, torch.where(b >= 0.5, 1 - b, b), atol=1e-5)
+
+
+def test_train_transform_grey_and_blur_switch_on_and_default_stream_is_unchanged():
+    img = (np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8)
+    plain = TrainTransform(16, (1.0, 1.0), True, 0.0)(img, None, np.random.default_rng(3))[0]
+    zero = TrainTransform(16, (1.0, 1.0), True, 0.0, 0.0, 0.0)(img, None, np.random.default_rng(3))[0]
+    assert torch.equal(plain, zero)
+    grey = TrainTransform(16, (1.0, 1.0), True, 0.0, p_gray=1.0)(img, None, np.random.default_rng(3))[0]
+    assert torch.allclose(grey[0] * 0.229 + 0.485, grey[1] * 0.224 + 0.456, atol=1e-5)
+    blur = TrainTransform(16, (1.0, 1.0), True, 0.0, p_blur=1.0)(img, None, np.random.default_rng(3))[0]
+    assert float(blur.diff(dim=-1).abs().mean()) < 0.7 * float(plain.diff(dim=-1).abs().mean())

@@ -38,9 +38,31 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
 
 
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of RGB in [0, 1], repeated on 3 channels: (..., 3, H, W) -> (..., 3, H, W)."""
+    y = 0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :]
+    return y.expand_as(x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of each image of x (B, C, H, W) with its own ``sigma`` (B,) in pixels
+    (reflect padding, kernel radius ceil(3 sigma_max), one grouped conv per axis, no loop)."""
+    B, C, H, W = x.shape
+    r = max(1, min(int(np.ceil(3 * float(sigma.max()))), (min(H, W) - 1)))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma.to(x.dtype).clamp_min(1e-3)[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, 2r+1)
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)
+    return y.reshape(B, C, H, W)
+
+
 @dataclass(frozen=True)
 class TrainTransform:
-    """Random rescale, random crop with padding (mask 255, valid 0), flip and colour jitter.
+    """Random rescale, random crop with padding (mask 255, valid 0), flip, colour jitter, then (each
+    with its probability) greyscale and a Gaussian blur of radius uniform in ``blur_sigma`` pixels
+    (ToCo's training view: grey 0.2, blur 1.0 with DINO's radius 0.1-2; both 0: neither is drawn).
 
     Returns image (3, S, S) normalised, mask (S, S) long or None, valid (S, S) bool.
     """
@@ -49,6 +71,9 @@ class TrainTransform:
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
     color_jitter: float = 0.3
+    p_gray: float = 0.0
+    p_blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
     def __call__(self, img: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
         x = to_tensor(img)
@@ -64,6 +89,11 @@ class TrainTransform:
             m = m.flip(-1) if m is not None else None
         if self.color_jitter > 0:
             x = _jitter(x, self.color_jitter, rng)
+        # Drawn only when switched on, so recipes without them keep their random stream.
+        if self.p_gray > 0 and rng.random() < self.p_gray:
+            x = grayscale(x).contiguous()
+        if self.p_blur > 0 and rng.random() < self.p_blur:
+            x = gaussian_blur(x[None], torch.tensor([float(rng.uniform(*self.blur_sigma))]))[0]
         x = normalize(x)
         S = self.crop_size
         # Pad to at least S, then crop; padding is 0 after normalisation (the mean colour).

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import roi_align
 
-from wsss.data.transforms import denormalize, normalize
+from wsss.data.transforms import denormalize, gaussian_blur, grayscale, normalize
 
 
 @dataclass
@@ -32,11 +32,15 @@ class View:
 def random_resized_view(
     x: torch.Tensor, gen: torch.Generator | None = None, scale: tuple[float, float] = (0.32, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, jitter: float = 0.4, p_jitter: float = 0.5,
+    p_gray: float = 0.0, p_blur: float = 0.0, p_solarize: float = 0.0, blur_sigma: tuple[float, float] = (0.1, 2.0),
 ) -> View:  # fmt: skip
     """RandomResizedCrop (area ``scale``, aspect ``ratio``) of each image of x (B, 3, S, S), resized back
     to S, flipped with probability 1/2 and colour-jittered (brightness and contrast ``jitter``, saturation
-    ``jitter / 2``; FSR's ColorJitter(0.4, 0.4, 0.2) with probability ``p_jitter``; no hue jitter).
-    All random numbers come from ``gen`` (one draw per image, no loop)."""
+    ``jitter / 2``; FSR's ColorJitter(0.4, 0.4, 0.2) with probability ``p_jitter``; no hue jitter); then,
+    each with its probability, greyscale, a Gaussian blur of radius uniform in ``blur_sigma`` pixels and
+    solarisation (values >= 0.5 inverted), ToCo's second view: 0.2, 0.1, 0.2 (FSR's view: none).
+    All random numbers come from ``gen`` (one draw per image, no loop); the blur radius and the
+    solarisation are drawn only when switched on, so views without them keep their random stream."""
     B, _, H, W = x.shape
     dev = x.device
     u = torch.rand(B, 8, generator=gen, device=dev)
@@ -60,4 +64,15 @@ def random_resized_view(
         gray = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
         rgb = ((rgb - gray) * s[:, None, None, None] + gray).clamp(0, 1)
         img = torch.where(on, normalize(rgb), img)
+    if p_gray > 0 or p_blur > 0 or p_solarize > 0:
+        rgb = denormalize(img)
+        if p_gray > 0:
+            rgb = torch.where((u[:, 6] < p_gray)[:, None, None, None], grayscale(rgb), rgb)
+        if p_blur > 0:
+            sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * torch.rand(B, generator=gen, device=dev)
+            rgb = torch.where((u[:, 7] < p_blur)[:, None, None, None], gaussian_blur(rgb, sigma), rgb)
+        if p_solarize > 0:
+            sol = (torch.rand(B, generator=gen, device=dev) < p_solarize)[:, None, None, None]
+            rgb = torch.where(sol & (rgb >= 0.5), 1 - rgb, rgb)
+        img = normalize(rgb)
     return View(img, boxes, flips)

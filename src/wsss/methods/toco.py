@@ -61,6 +61,9 @@ from wsss.models.backbone import split_output
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
+# ToCo's second global view beyond the crop, flip and jitter (its datasets/voc.py): grey, blur, solarise.
+TOCO_VIEW2 = {"p_gray": 0.2, "p_blur": 0.1, "p_solarize": 0.2}
+
 
 @METHODS.register("toco")
 class ToCo(Method):
@@ -97,12 +100,16 @@ class ToCo(Method):
         ctc_local_size: int = 96
         ctc_global_scale: float = 1.0  # second global view: the flipped crop at this scale
         # flip: the flipped crop (doubles as a CAM pass); random: as the official code, an independent random
-        # resized crop (area 0.32-1) with flip and colour jitter (one more forward)
+        # resized crop (area 0.4-1) with flip, colour jitter (p 0.8), grey, blur and solarisation (one more forward)
         ctc_view: str = "flip"
         ctc_neg_ratio: float = 0.2
         ctc_out_dim: int = 1024
         contrast_start: int = 0  # iterations before PTC and CTC switch on (ToCo's COCO recipe: 12000)
         aux_labels_until: int = 0  # seg pseudo labels from the auxiliary CAM before this (ToCo's COCO: 12000)
+        # image logits of the CAM head: gmp (ToCo: classify the global max of the features) or topk (mean of
+        # each class's top cls_topk fraction of patch logits; the pooling CPF-CTE is described with)
+        cls_pool: str = "gmp"
+        cls_topk: float = 0.1
         # pipeline modules stacked on this recipe, in order (see wsss.methods.modules; `wsss list modules`)
         modules: tuple[str, ...] = ()
 
@@ -128,7 +135,10 @@ class ToCo(Method):
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)
         D = backbone.embed_dim
-        self.cam_head = CAMHead(D, classes.num_fg)
+        try:
+            self.cam_head = CAMHead(D, classes.num_fg, cfg.cls_pool, cfg.cls_topk)
+        except ValueError as e:
+            raise ConfigError(f"method.cls_pool / method.cls_topk: {e}") from None
         self.aux_layer = model_cfg.aux_layer % backbone.depth
         self.aux_head = CAMHead(backbone.dims[self.aux_layer], classes.num_fg)
         self.seg_head = LargeFOVHead(D, model_cfg.seg_hidden, classes.K)
@@ -201,7 +211,8 @@ class ToCo(Method):
         if c.w_ctc > 0:
             s2 = c.ctc_global_scale
             if c.ctc_view == "random":
-                x2 = random_resized_view(x, sample_generator(batch, it, x.device, stream=1)).image
+                gen2 = sample_generator(batch, it, x.device, stream=1)
+                x2 = random_resized_view(x, gen2, (0.4, 1.0), p_jitter=0.8, **TOCO_VIEW2).image
             else:
                 x2 = x.flip(-1)
             x2 = x2 if s2 == 1.0 else F.interpolate(x2, scale_factor=s2, mode="bilinear")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -9,18 +11,32 @@ import torch.nn as nn
 class CAMHead(nn.Module):
     """1x1 conv classifier without bias; its weights turn a feature map into class activation maps.
 
+    Image logits come from one of two poolings: ``gmp`` (ToCo's) classifies the global max of the
+    features, ``conv(max_p f_p)``; ``topk`` classifies every patch and averages each class's
+    ``ceil(topk * h * w)`` highest patch logits (the Top-K pooling CPF-CTE's patch classifier is
+    described with), so the image score is carried by a region, not by one channel-wise maximum.
+
     Args:
         dim: feature channels D.
         num_fg: foreground classes C.
+        pool: ``gmp`` or ``topk``.
+        topk: fraction of the h*w patches averaged per class under ``topk`` (in (0, 1]).
     """
 
-    def __init__(self, dim: int, num_fg: int) -> None:
+    def __init__(self, dim: int, num_fg: int, pool: str = "gmp", topk: float = 0.1) -> None:
         super().__init__()
+        if pool not in ("gmp", "topk") or not 0 < topk <= 1:
+            raise ValueError(f"CAM head pooling must be gmp or topk with a fraction in (0, 1], got {pool}, {topk}")
         self.conv = nn.Conv2d(dim, num_fg, 1, bias=False)
+        self.pool, self.topk = pool, float(topk)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
-        """Image logits (B, C) from global max pooling of ``feat`` (B, D, h, w)."""
-        return self.conv(feat.amax(dim=(2, 3), keepdim=True)).flatten(1)
+        """Image logits (B, C) from ``feat`` (B, D, h, w)."""
+        if self.pool == "gmp":
+            return self.conv(feat.amax(dim=(2, 3), keepdim=True)).flatten(1)
+        logits = self.conv(feat).flatten(2)  # (B, C, h*w)
+        k = max(1, math.ceil(self.topk * logits.shape[-1] - 1e-9))
+        return logits.topk(k, dim=-1).values.mean(-1)
 
     def cam(self, feat: torch.Tensor) -> torch.Tensor:
         """Raw CAMs relu(conv(feat)): (B, D, h, w) -> (B, C, h, w)."""
