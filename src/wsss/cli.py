@@ -189,7 +189,7 @@ def cmd_list(args, extra: list[str]) -> int:
         print("\n".join(timm.list_models(["resnet*", "wide_resnet*", "resnext*"])))
         return 0
     if args.what == "modules":
-        from wsss.methods.modules import describe_modules
+        from wsss.methods.pipeline import describe_modules
 
         rows = describe_modules()
         cols = ("name", "method", "losses", "warmup", "needs", "uses")

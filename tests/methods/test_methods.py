@@ -118,8 +118,8 @@ def test_one_batched_pass_of_two_views_equals_two_passes(name):
             torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(4, 3, 48, 48)
     with torch.no_grad():
-        first, second = split_output(m._encode(x), 2)
-        a, b = m._encode(x[:2]), m._encode(x[2:])
+        first, second = split_output(m.encode(x), 2)
+        a, b = m.encode(x[:2]), m.encode(x[2:])
     close = dict(rtol=1e-4, atol=1e-4)  # fp32 rounding of other matmul shapes; mixing images would be O(1)
     for got, ref in ((first, a), (second, b)):
         torch.testing.assert_close(got.tokens, ref.tokens, **close)

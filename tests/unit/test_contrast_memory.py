@@ -8,7 +8,7 @@ import torch
 
 from wsss.data.classes import ClassSpec
 from wsss.losses.contrast import memory_contrast, supcon_loss
-from wsss.methods.modules import StepState
+from wsss.methods.pipeline import StepState
 from wsss.methods.stcl import SpatialContrast, TemporalContrast
 from wsss.models.blocks.memory import ClassMemoryBank
 
@@ -153,7 +153,7 @@ def test_spatial_class_embeddings_are_cam_weighted_means_or_the_class_tokens():
     wa = torch.tensor([0.9, 0.8, 0.5, 0.1]) / 2.3  # class "a"'s CAM on the 4 tokens, summing to 1
     assert torch.allclose(emb[0, 0], wa @ tok, atol=1e-6)
     assert torch.allclose(emb[0, 1], torch.zeros(4))  # class "b" has no CAM anywhere
-    st.extras["class_tokens"] = torch.ones(1, 2, 4)
+    st.class_tokens = torch.ones(1, 2, 4)
     assert torch.equal(mod.class_embeddings(st), torch.ones(1, 2, 4))
 
 

@@ -103,10 +103,10 @@ def test_class_tokens_get_gradient_from_their_classification_loss():
 
 
 def _state_of(m):
-    from wsss.methods.modules import StepState
+    from wsss.methods.pipeline import StepState
 
     b = _batch()
-    out = m._encode(b["image"])
+    out = m.encode(b["image"])
     z = torch.zeros(1)
     return StepState(b["image"], b["tags"], b["valid"], out, out.tokens, z, z, z, z, z, 0)
 

@@ -76,8 +76,8 @@ def test_ctc_second_view_flip_or_independent_random_resized_crop():
         torch.manual_seed(0)
         m = build_method(load_config(None, [*TINY, "--method.ctc_view", view]), SPEC)
         seen = []
-        enc = m._encode
-        m._encode = lambda x, attn=True, seen=seen, enc=enc: seen.append(x) or enc(x, attn)  # noqa: E731
+        enc = m.encode
+        m.encode = lambda x, attn=True, seen=seen, enc=enc, **kw: seen.append(x) or enc(x, attn, **kw)  # noqa: E731
         m.train_step(batch, 0)
         x = batch["image"]
         # the training crop and the second view share one batched pass (same size)

@@ -10,7 +10,7 @@ from wsss.config import ConfigError, load_config
 from wsss.data.views import View, random_resized_view
 from wsss.losses.distill import CenteredDistill
 from wsss.methods.fsr import uncertainty_block_mask
-from wsss.methods.modules import StepState
+from wsss.methods.pipeline import StepState
 
 SMALL = ["--method.ema_teacher.out_dim", "64", "--method.ema_teacher.hidden", "32",
          "--method.ema_teacher.bottleneck", "16", "--method.uncertain_masking.block", "1"]  # fmt: skip
@@ -80,13 +80,13 @@ def test_patch_centre_follows_every_patch_token_of_the_view_not_only_the_masked_
     m = _build()
     b = _batch()
     x = b["image"]
-    out = m._encode(x)
+    out = m.encode(x)
     z = torch.zeros(1)
     st = StepState(x, b["tags"], b["valid"], out, out.tokens, z, torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48),
                    z, z, 5000, torch.Generator().manual_seed(0))  # fmt: skip
     for mod in m.mods.values():
         mod.extend(st)
-    mask = st.extras["fsr_mask"]
+    mask = st.view_mask
     assert 0 < int(mask.sum()) < mask.numel()
     ema = m.mods["ema_teacher"]
     ema.distill_patch.train()
@@ -125,25 +125,25 @@ def test_self_enhancement_sees_only_the_unmasked_confident_tokens():
     m = _build()
     b = _batch()
     x = b["image"]
-    out = m._encode(x)
+    out = m.encode(x)
     z = torch.zeros(1)
     st = StepState(x, b["tags"], b["valid"], out, out.tokens, z, torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48),
                    z, z, 5000, torch.Generator().manual_seed(0))  # fmt: skip
     for mod in m.mods.values():
         mod.extend(st)
-    mask = st.extras["fsr_mask"]
+    mask = st.view_mask
     assert mask.any() and not mask.all()
     a = m.mods["self_enhancement"].losses(st)["fsr_class"][1]
     # scribble over the second view inside the masked patches only: nothing the student sees changes
-    view = st.extras["fsr_view"]
+    view = st.view
     pix = mask.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, None]
     view.image = torch.where(pix, torch.randn_like(view.image) * 5, view.image)
-    del st.extras["fsr_out"]
+    st.teacher_out = None
     bb = m.mods["self_enhancement"].losses(st)["fsr_class"][1]
     assert a.item() == pytest.approx(bb.item(), abs=1e-6)
     # ...while a change in an unmasked patch does
     view.image[:, :, ~pix[0, 0]] += 1.0
-    del st.extras["fsr_out"]
+    st.teacher_out = None
     assert abs(m.mods["self_enhancement"].losses(st)["fsr_class"][1].item() - a.item()) > 1e-6
 
 
@@ -152,11 +152,11 @@ def test_teacher_copies_other_modules_with_their_own_hooks():
     t = m.mods["ema_teacher"].teacher
     assert "mods.ema_teacher.teacher.mods.cf_bilstm.lstm.0.gate" in m.state_dict()
     x = _batch()["image"]
-    ref = t._encode(x).tokens
+    ref = t.encode(x).tokens
     with torch.no_grad():  # change the student's BiLSTM and class tokens: the teacher's output must not move
         m.mods["cf_bilstm"].lstm[0].gate.fill_(3.0)
         m.mods["class_tokens"].tok.tokens.mul_(-2.0)
-    assert torch.equal(t._encode(x).tokens, ref)
+    assert torch.equal(t.encode(x).tokens, ref)
     out = m.train_step(_batch(), 1)
     assert {"ctk_cls", "fsr_patch", "fsr_class"} <= set(out.logs)
 
@@ -169,7 +169,7 @@ def test_incompatible_stacks_are_refused():
 
 
 def test_modules_are_described_and_vit_only_stacks_are_refused_at_config_time():
-    from wsss.methods.modules import describe_modules
+    from wsss.methods.pipeline import describe_modules
 
     rows = {r["name"]: r for r in describe_modules()}
     assert rows["uncertain_masking"]["method"] == "fsr" and rows["uncertain_masking"]["losses"] == "fsr_patch"

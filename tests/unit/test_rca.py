@@ -15,7 +15,7 @@ from tests.methods.test_methods import SPEC, _batch
 from wsss.build import build_method
 from wsss.config import ConfigError, load_config
 from wsss.data.classes import ClassSpec
-from wsss.methods.modules import StepState
+from wsss.methods.pipeline import StepState
 from wsss.methods.rca import PRE_AGGREGATION, RegionAggregation, RegionContrast, RegionMemory, mixed_memory_nce
 from wsss.models.backbone import BackboneOutput
 
@@ -59,7 +59,7 @@ def test_region_memory_writes_confident_regions_of_confident_classes_from_the_pr
     pre = torch.arange(16.0).view(1, 4, 2, 2)
     st = _state([3.0, -3.0], pre=pre)  # "a" predicted (p 0.95), "b" not (p 0.05)
     mem.extend(st)
-    assert st.extras["region_has"].tolist() == [[True, True]]
+    assert st.region_has.tolist() == [[True, True]]
     assert mem.bank.count.tolist() == [0, 0]  # nothing is written before the step ends
     mem.on_step_end(0)
     assert mem.bank.count.tolist() == [1, 0]
@@ -89,7 +89,7 @@ def test_region_contrast_uses_the_bank_without_gradient_and_reaches_the_features
     st = _state([3.0, 3.0])
     mem.extend(st)
     w, loss = con.losses(st)["rca_sc"]
-    f = st.extras["region_feats"][0]  # both classes present
+    f = st.region_feats[0]  # both classes present
     expect = mixed_memory_nce(con.proj(f), torch.tensor([0, 1]), torch.arange(2), torch.ones(2),
                               con.proj(mem.bank.feats[:, 0]), torch.tensor([0, 1]), 0.5)  # fmt: skip
     assert w == 0.1 and loss.item() == pytest.approx(expect.item(), abs=1e-6)
@@ -118,7 +118,7 @@ def test_region_mixup_mixes_two_regions_and_their_targets_by_hand():
     st.gen = torch.Generator().manual_seed(seed)
     mem.extend(st)
     got = con.losses(st)["rca_sc"][1]
-    f = st.extras["region_feats"][0].detach()  # (2 classes, D)
+    f = st.region_feats[0].detach()  # (2 classes, D)
     z = F.normalize((f[0] + f[1]) / 2, dim=0)
     logit = torch.stack([z[0], z[1]]) / 0.5  # cosine to the unit entries e0, e1
     nll = torch.logsumexp(logit, 0) - logit
@@ -263,8 +263,8 @@ def test_aggregation_on_dinov2_features_is_token_specific():
 def test_region_memory_reports_the_banks_drift_from_the_current_features():
     mem = RegionMemory(RegionMemory.Config(size=2, momentum=0.0), _host())
     st = _state([3.0, 3.0])
-    st.extras["region_feats"] = torch.tensor([[[0.6, 0.8, 0, 0], [0.6, 0, 0, 0.8]]])  # (B=1, C=2, D=4)
-    st.extras["region_has"] = torch.tensor([[True, True]])
+    st.region_feats = torch.tensor([[[0.6, 0.8, 0, 0], [0.6, 0, 0, 0.8]]])  # (B=1, C=2, D=4)
+    st.region_has = torch.tensor([[True, True]])
     assert mem.losses(st) == {}  # empty bank: nothing to compare with
     mem.bank.push(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]]), torch.tensor([0, 0, 1]))
     logs = mem.losses(st)

@@ -262,14 +262,14 @@ def test_flow_fusion_is_local_on_the_low_level_grid():
 
 
 def test_flow_fusion_module_feeds_the_seg_head_at_stride_4_of_a_cnn():
-    from wsss.methods.modules import SEG_FEATURES
+    from wsss.methods.pipeline import SEG_FEATURES
 
     torch.manual_seed(0)
     over = [*TINY, *CNN, "--model.output_stride", "16", "--method.name", "wsfcn", "--method.modules",
             "[feature_fusion]", "--method.feature_fusion.layers", "[0]", "--method.seg_warmup", "0"]  # fmt: skip
     m = build_method(load_config(None, over), SPEC).eval()
     x = torch.randn(1, 3, 64, 64)
-    out = m._encode(x)
+    out = m.encode(x)
     assert out.tokens.shape[-2:] == (4, 4) and out.maps[SEG_FEATURES].shape[-2:] == (16, 16)
     # gate 0: the seg head reads the upsampled final map
     up = torch.nn.functional.interpolate(out.tokens, size=(16, 16), mode="bilinear", align_corners=False)

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from wsss.config import ConfigError
 from wsss.losses.classification import multilabel_loss
-from wsss.methods.modules import PipelineModule, StepState, block_hooks
+from wsss.methods.pipeline import PipelineModule, StepState, block_hooks
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.bilstm import CFBiLSTM
 from wsss.models.blocks.class_tokens import ClassTokens, gated_block
@@ -162,8 +162,8 @@ class ClassTokenModule(PipelineModule):
         self.steps.fill_(it + 1)
 
     def extend(self, state: StepState) -> None:
-        """Expose the final class tokens (B, C, D) as ``extras["class_tokens"]``."""
-        state.extras["class_tokens"] = state.out.extra
+        """Expose the final class tokens (B, C, D) as ``state.class_tokens``."""
+        state.class_tokens = state.out.extra
 
     def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
         """``ctk_cls``: multi-label loss of the class-token scores."""

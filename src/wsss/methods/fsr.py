@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ import torch.nn as nn
 from wsss.config import ConfigError
 from wsss.data.views import random_resized_view
 from wsss.losses.distill import CenteredDistill
-from wsss.methods.modules import PipelineModule, StepState
+from wsss.methods.pipeline import PipelineModule, StepState
 from wsss.methods.regions import tokens
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.dino import AggregationToken, DINOHead
@@ -143,31 +144,23 @@ class EMATeacher(PipelineModule):
         return c.momentum_end + 0.5 * (c.momentum - c.momentum_end) * (1 + math.cos(math.pi * k))
 
     def extend(self, state: StepState) -> None:
-        """``extras["fsr_view"]``: the second view (a :class:`wsss.data.views.View`)."""
+        """``state.view``: the second view (a :class:`wsss.data.views.View`)."""
         c = self.cfg
-        state.extras["fsr_view"] = random_resized_view(state.x, state.gen, c.view_scale, jitter=c.view_jitter)
+        state.view = random_resized_view(state.x, state.gen, c.view_scale, jitter=c.view_jitter)
 
     def outputs(self, state: StepState) -> dict[str, torch.Tensor]:
         """Student map of the (masked) second view; teacher maps of the views the modules ask for. Cached."""
-        if "fsr_out" in state.extras:
-            return state.extras["fsr_out"]
-        host, view = self._host[0], state.extras["fsr_view"]
-        bb = host.backbone
-        prev = getattr(bb, "embed_hook", None)
-        if "fsr_embed_hook" in state.extras:
-            bb.embed_hook = state.extras["fsr_embed_hook"]
-        try:
-            res = {"student": host._encode(view.image, attn=False).tokens}
-        finally:
-            if prev is not None or "fsr_embed_hook" in state.extras:
-                bb.embed_hook = prev
+        if state.teacher_out is not None:
+            return state.teacher_out
+        host, view = self._host[0], state.view
+        res = {"student": host.encode(view.image, attn=False, embed_hook=state.embed_hook).tokens}
         views = {1: state.x, 2: view.image}
         if self.teacher_views:
             with torch.no_grad():
-                t = self.teacher._encode(torch.cat([views[v] for v in self.teacher_views]), attn=False).tokens
+                t = self.teacher.encode(torch.cat([views[v] for v in self.teacher_views]), attn=False).tokens
             for v, part in zip(self.teacher_views, t.chunk(len(self.teacher_views))):
                 res[f"teacher{v}"] = part
-        state.extras["fsr_out"] = res
+        state.teacher_out = res
         return res
 
     def teacher_parts(self) -> EMATeacher:
@@ -222,26 +215,26 @@ class UncertainMasking(PipelineModule):
 
     def attach(self, backbone) -> None:
         """Token masking happens before the position embedding: only a ViT has that hook."""
-        if not hasattr(backbone, "embed_hook"):
+        if "embed_hook" not in inspect.signature(backbone.forward).parameters:
             raise ConfigError(f"method.modules: uncertain_masking masks ViT patch embeddings; "
                               f"{type(backbone).__name__} has none")  # fmt: skip
 
     def extend(self, state: StepState) -> None:
-        """``extras["fsr_mask"]`` (B, h, w) for the second view, and the embedding hook that applies it."""
+        """``state.view_mask`` (B, h, w) for the second view, and ``state.embed_hook`` that applies it."""
         c = self.cfg
         h, w = state.feat.shape[-2:]
-        cam2 = state.extras["fsr_view"].warp(state.aux_cam.float(), (h, w))
+        cam2 = state.view.warp(state.aux_cam.float(), (h, w))
         mask = uncertainty_block_mask(cam2, state.tags, c.block, c.ratio, c.low, c.high, state.it >= c.random_iters,
                                       state.gen)  # fmt: skip
-        state.extras["fsr_mask"] = mask
-        state.extras["fsr_embed_hook"] = functools.partial(_mask_hook, self.mask_token, mask)
+        state.view_mask = mask
+        state.embed_hook = functools.partial(_mask_hook, self.mask_token, mask)
 
     def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
         """``fsr_patch``: teacher (unmasked view) -> student (masked view) on the masked tokens."""
         if self.cfg.w <= 0:
             return {}
         ema = self.deps["ema_teacher"]
-        out, mask = ema.outputs(state), state.extras["fsr_mask"]
+        out, mask = ema.outputs(state), state.view_mask
         m = mask.flatten(1)  # (B, N)
         s = ema.head(tokens(out["student"])[m])
         with torch.no_grad():

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wsss.losses.contrast import positive_nll
-from wsss.methods.modules import PipelineModule, StepState
+from wsss.methods.pipeline import PipelineModule, StepState
 from wsss.methods.regions import region_masks, region_means, tokens
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.memory import ClassMemoryBank
@@ -69,12 +69,12 @@ class RegionMemory(PipelineModule):
         self.classes, self.host_cfg = host.classes, host.cfg
 
     def extend(self, state: StepState) -> None:
-        """``extras["region_feats"]`` (B, C, D) unit region features with gradient and ``["region_has"]``
+        """``state.region_feats`` (B, C, D) unit region features with gradient and ``state.region_has``
         (B, C) which exist; queues the confident, well-classified ones for the bank."""
         feat = state.out.maps.get(PRE_AGGREGATION, state.feat)
         conf, _ = region_masks(state, self.classes, self.host_cfg.high_thre, self.host_cfg.low_thre)
         emb, has = region_means(tokens(feat), conf)
-        state.extras["region_feats"], state.extras["region_has"] = emb, has
+        state.region_feats, state.region_has = emb, has
         if self.training:
             b, k = (has & (torch.sigmoid(state.logits.detach()) > self.cfg.enqueue_thre)).nonzero(as_tuple=True)
             self.bank.enqueue(emb[b, k], k)
@@ -83,10 +83,10 @@ class RegionMemory(PipelineModule):
         """Weight-0 diagnostics of how far the bank has drifted from the current features: the mean cosine
         of the step's region features to the entries of their own class (``rca_bank_cos``) and of the
         other classes (``rca_bank_cos_other``). Empty while no region meets a filled class."""
-        b, k = state.extras["region_has"].nonzero(as_tuple=True)
+        b, k = state.region_has.nonzero(as_tuple=True)
         filled = self.bank.filled()
         with torch.no_grad():
-            f = state.extras["region_feats"][b, k].detach().float()  # (n, D) unit
+            f = state.region_feats[b, k].detach().float()  # (n, D) unit
             cos = torch.einsum("nd,cmd->ncm", f, self.bank.feats)  # (n, C, M)
             own = F.one_hot(k, filled.shape[0]).bool()[:, :, None] & filled[None]  # (n, C, M)
             other = ~F.one_hot(k, filled.shape[0]).bool()[:, :, None] & filled[None]
@@ -152,8 +152,8 @@ class RegionContrast(PipelineModule):
         c = self.cfg
         if c.w <= 0 or state.it < c.warmup:
             return {}
-        b, k = state.extras["region_has"].nonzero(as_tuple=True)
-        f = state.extras["region_feats"][b, k]  # (n, D)
+        b, k = state.region_has.nonzero(as_tuple=True)
+        f = state.region_feats[b, k]  # (n, D)
         bank, bank_labels = self.deps["region_memory"].bank.entries(c.min_entries)
         n = f.shape[0]
         partner, lam = torch.arange(n, device=f.device), torch.ones(n, device=f.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wsss.methods.modules import StepState
+from wsss.methods.pipeline import StepState
 
 
 def tokens(feat: torch.Tensor) -> torch.Tensor:

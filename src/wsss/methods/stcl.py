@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from wsss.losses.contrast import memory_contrast, supcon_loss
-from wsss.methods.modules import PipelineModule, StepState
+from wsss.methods.pipeline import PipelineModule, StepState
 from wsss.methods.regions import region_masks, region_means, tokens
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.memory import ClassMemoryBank
@@ -73,8 +73,8 @@ class SpatialContrast(PipelineModule):
 
     def class_embeddings(self, state: StepState) -> torch.Tensor:
         """(B, C, D): class tokens when the class_tokens module runs, else CAM-weighted token means."""
-        if "class_tokens" in state.extras:
-            return state.extras["class_tokens"]
+        if state.class_tokens is not None:
+            return state.class_tokens
         h, w = state.feat.shape[-2:]
         wgt = F.interpolate(state.cam, size=(h, w), mode="bilinear", align_corners=False).flatten(2).detach()
         wgt = wgt / wgt.sum(-1, keepdim=True).clamp(min=1e-6)

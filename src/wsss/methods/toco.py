@@ -49,14 +49,7 @@ from wsss.losses.energy import dense_energy_loss
 from wsss.losses.segmentation import balanced_seg_loss, seg_loss
 from wsss.losses.token_contrast import patch_token_contrast
 from wsss.methods.base import Method, StepOutput, sample_generator, upsample
-from wsss.methods.modules import (
-    SEG_FEATURES,
-    StepState,
-    build_modules,
-    check_backbone,
-    check_needs,
-    config_with_modules,
-)
+from wsss.methods.pipeline import SEG_FEATURES, ModuleHost, StepState
 from wsss.models.backbone import split_output
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
@@ -66,7 +59,7 @@ TOCO_VIEW2 = {"p_gray": 0.2, "p_blur": 0.1, "p_solarize": 0.2}
 
 
 @METHODS.register("toco")
-class ToCo(Method):
+class ToCo(ModuleHost, Method):
     """Single-stage WSSS baseline; see the module docstring."""
 
     @dataclass(frozen=True)
@@ -110,27 +103,8 @@ class ToCo(Method):
         # each class's top cls_topk fraction of patch logits; the pooling CPF-CTE is described with)
         cls_pool: str = "gmp"
         cls_topk: float = 0.1
-        # pipeline modules stacked on this recipe, in order (see wsss.methods.modules; `wsss list modules`)
+        # pipeline modules stacked on this recipe, in order (see wsss.methods.pipeline; `wsss list modules`)
         modules: tuple[str, ...] = ()
-
-    @classmethod
-    def config_class(cls, section: dict) -> type:
-        """The Config with one sub-section per module listed in ``modules`` or configured in ``section``."""
-        from wsss.registry import MODULES
-
-        mods = section.get("modules", cls.Config.modules)
-        mods = [mods] if isinstance(mods, str) else list(mods or ())
-        extra = [k for k in section if k not in mods and k in MODULES]
-        try:
-            check_needs(mods)
-        except KeyError as e:
-            raise ConfigError(f"method.modules: {e.args[0]}") from None
-        return config_with_modules(cls.Config, tuple(mods + extra))
-
-    @classmethod
-    def validate(cls, run_cfg) -> None:
-        """Modules that need a ViT are refused with a CNN backbone, at config time."""
-        check_backbone(list(run_cfg.method.modules), run_cfg.model)
 
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)
@@ -147,29 +121,11 @@ class ToCo(Method):
         if cfg.w_ctc > 0:
             self.proj = ProjectionHead(D, cfg.ctc_out_dim)
             self.proj_t = copy.deepcopy(self.proj).requires_grad_(False)
-        self.step_gen: torch.Generator | None = None  # the training step's sample-seeded generator
-        self.mods = build_modules(tuple(cfg.modules), cfg, self)
-        for m in self.mods.values():
-            m.attach(backbone)
-        self._layers = tuple(dict.fromkeys((self.aux_layer, *(i for m in self.mods.values() for i in m.layers))))
-        self._attn = tuple(dict.fromkeys(i for m in self.mods.values() for i in m.attn_layers))
-        for m in self.mods.values():
-            m.finalize(self)
-
-    def _encode(self, x: torch.Tensor, attn: bool = True):
-        """Backbone pass with the blocks (and, with ``attn``, attention maps) the CAM heads and modules
-        need; the modules then refine the final map in order."""
-        out = self.backbone(x, layers=self._layers, attn_layers=self._attn if attn else ())
-        for m in self.mods.values():
-            m.refine_features(out)
-        return out
+        self.init_modules((self.aux_layer,))
 
     def _cam_pair(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (CAM, aux CAM) (B, C, h, w) of one backbone output; modules may refine the CAM."""
-        cam = self.cam_head.cam(out.tokens)
-        for m in self.mods.values():
-            cam = m.fuse_cam(cam, out)
-        return cam, self.aux_head.cam(out.layers[self.aux_layer])
+        return self.fuse_cams(self.cam_head.cam(out.tokens), out), self.aux_head.cam(out.layers[self.aux_layer])
 
     def _class_token(self, out) -> torch.Tensor:
         # Backbones without a class token use the mean patch token.
@@ -193,11 +149,10 @@ class ToCo(Method):
             m = self.cfg.ctc_momentum
             for pt, ps in zip(self.proj_t.parameters(), self.proj.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
-        for mod in self.mods.values():
-            mod.on_step_end(it)
+        self.modules_step_end(it)
 
     def _cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._cam_pair(self._encode(x))
+        return self._cam_pair(self.encode(x))
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
         """Classification (final + aux), PTC and CTC (from ``contrast_start``), and after ``seg_warmup`` seg
@@ -206,8 +161,7 @@ class ToCo(Method):
         c = self.cfg
         x, tags, valid = batch["image"], batch["tags"], batch["valid"]
         B = x.shape[0]
-        # Random choices inside backbone passes (module dropout) draw from this, not the global RNG.
-        self.step_gen = sample_generator(batch, it, x.device, stream=2)
+        self.begin_step(batch, it)
         if c.w_ctc > 0:
             s2 = c.ctc_global_scale
             if c.ctc_view == "random":
@@ -217,11 +171,11 @@ class ToCo(Method):
                 x2 = x.flip(-1)
             x2 = x2 if s2 == 1.0 else F.interpolate(x2, scale_factor=s2, mode="bilinear")
             if x2.shape == x.shape:  # both global views in one pass
-                out, out2 = split_output(self._encode(torch.cat([x, x2])), B)
+                out, out2 = split_output(self.encode(torch.cat([x, x2])), B)
             else:
-                out, out2 = self._encode(x), self._encode(x2)
+                out, out2 = self.encode(x), self.encode(x2)
         else:
-            out = self._encode(x)
+            out = self.encode(x)
         feat, aux = out.tokens, out.layers[self.aux_layer]
         logits = self.cam_head(feat)
         loss_cls = multilabel_loss(logits, tags)
@@ -253,12 +207,7 @@ class ToCo(Method):
         if self.mods:
             gen = sample_generator(batch, it, x.device)
             st = StepState(x, tags, valid, out, feat, logits, cam, aux_cam, tok_labels, small_valid, it, gen)
-            for m in self.mods.values():
-                m.extend(st)
-            for m in self.mods.values():
-                for name, (wgt, val) in m.losses(st).items():
-                    loss = loss + wgt * val
-                    logs[name] = val.detach()
+            loss = self.add_module_losses(st, loss, logs)
         if it >= c.seg_warmup and c.w_seg > 0:
             labels = self._refine(aux_cam if it < c.aux_labels_until else cam, x, tags, valid)
             seg = upsample(self.seg_head(out.maps.get(SEG_FEATURES, feat)), labels.shape[-2:])
@@ -277,16 +226,17 @@ class ToCo(Method):
     @torch.no_grad()
     def _refine(self, cam, x, tags, valid):
         c = self.cfg
-        return refine_pseudo_labels(
+        labels = refine_pseudo_labels(
             cam, denormalize(x), tags, self.classes, c.high_thre, c.low_thre, c.par_scale, c.par_iters,
             c.par_dilations, valid,
         )  # fmt: skip
+        return self.refine_labels(labels, cam, x, tags, valid)
 
     @torch.no_grad()
     def predict_cams(self, images: torch.Tensor, tags: torch.Tensor | None = None) -> torch.Tensor:
         """Multi-scale flipped final-layer CAMs (B, C, H, W) in [0, 1] (of the network a module may name for
         inference, e.g. FSR's teacher)."""
-        net = self._predictor()
+        net = self.predictor()
         return multi_scale_cam(net._cams, images, self.cfg.cam_scales, self.cfg.cam_flip)[0]
 
     @torch.no_grad()
@@ -296,14 +246,6 @@ class ToCo(Method):
 
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""
-        net = self._predictor()
-        out = net._encode(images, attn=False)
+        net = self.predictor()
+        out = net.encode(images, attn=False)
         return upsample(net.seg_head(out.maps.get(SEG_FEATURES, out.tokens)), images.shape[-2:])
-
-    def _predictor(self) -> ToCo:
-        """The network that predicts: this one, unless a module hands over another (FSR's EMA teacher)."""
-        for m in self.mods.values():
-            net = m.predictor()
-            if net is not None:
-                return net
-        return self

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from wsss.config import ConfigError
 from wsss.methods.base import upsample
-from wsss.methods.modules import SEG_FEATURES, PipelineModule
+from wsss.methods.pipeline import SEG_FEATURES, PipelineModule
 from wsss.methods.toco import ToCo
 from wsss.models.blocks.context import (
     ContextAggregation,

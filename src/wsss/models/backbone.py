@@ -1,9 +1,9 @@
 """timm ViT wrapper: patch tokens as NCHW maps, intermediate layers, optional attention maps.
 
 The block loop is ours (not ``forward_features``) so that method modules can hook in after any block
-(``block_hooks``) and before the blocks (``embed_hook``, e.g. token masking). Weights, in order of
-precedence: a file path in the config; ``$WSSS_WEIGHTS`` when the config asks for pretrained
-(``timm``); timm's own pretrained download and cache; else random init with a warning. The source
+(``block_hooks``) and before the blocks (the ``embed_hook`` argument of one pass, e.g. token masking).
+Weights, in order of precedence: a file path in the config; ``$WSSS_WEIGHTS`` when the config asks for
+pretrained (``timm``); timm's own pretrained download and cache; else random init with a warning. The source
 used is recorded in ``weights_source`` and written into the run's env.json.
 """
 
@@ -128,7 +128,6 @@ class ViTBackbone(nn.Module):
             for name_ in ("pos_embed", "cls_token", "reg_token"):
                 if getattr(self.vit, name_, None) is not None:
                     getattr(self.vit, name_).requires_grad_(False)
-        self.embed_hook = None  # fn(tokens (B, h, w, D)) -> tokens, before position embedding
         # block index -> [fn(x (B, T, D), hw) -> x]; a hook may append tokens after the patches
         self.block_hooks: dict[int, list] = {}
         # block index -> fn(blk, x (B, T, D), n_app) -> x run instead of blk(x) while n_app > 0 tokens
@@ -139,9 +138,10 @@ class ViTBackbone(nn.Module):
         return i % self.depth
 
     def forward(
-        self, x: torch.Tensor, layers: tuple[int, ...] = (), attn_layers: tuple[int, ...] = ()
+        self, x: torch.Tensor, layers: tuple[int, ...] = (), attn_layers: tuple[int, ...] = (), embed_hook=None
     ) -> BackboneOutput:
-        """Encode images (B, 3, H, W); ``layers`` / ``attn_layers`` are block indices (negatives allowed)."""
+        """Encode images (B, 3, H, W); ``layers`` / ``attn_layers`` are block indices (negatives allowed);
+        ``embed_hook`` fn(tokens (B, h, w, D)) -> tokens runs before the position embedding (token masking)."""
         vit = self.vit
         p = self.patch_size
         H, W = x.shape[-2:]
@@ -154,8 +154,8 @@ class ViTBackbone(nn.Module):
         want_attn = {self._index(i) for i in attn_layers}
         t = vit.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
         h, w = t.shape[1], t.shape[2]
-        if self.embed_hook is not None:
-            t = self.embed_hook(t)
+        if embed_hook is not None:
+            t = embed_hook(t)
         t = vit._pos_embed(t)
         t = vit.patch_drop(t)
         t = vit.norm_pre(t)
