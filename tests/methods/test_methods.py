@@ -223,3 +223,26 @@ def test_toco_contrast_start_and_auxiliary_pseudo_labels_before_aux_labels_until
         cam, aux = multi_scale_cam(m._cams, _batch()["image"], cfg.method.cam_scales, cfg.method.cam_flip)
     assert not torch.allclose(cam, aux)
     assert torch.allclose(seen[0], aux, atol=1e-5) and torch.allclose(seen[1], cam, atol=1e-5)
+
+
+def test_module_refine_labels_hook_edits_the_pseudo_labels_of_training_and_of_pseudo_labels():
+    """A module's ``refine_labels`` runs after PAR on every pseudo label the host makes: here it marks
+    background uncertain, so the seg loss and ``pseudo_labels`` both see no 0 label."""
+    from wsss.methods.pipeline import PipelineModule
+
+    class NoBackground(PipelineModule):
+        def refine_labels(self, labels, cam, images, tags, valid):
+            return labels.masked_fill(labels == 0, 255)
+
+    torch.manual_seed(0)
+    m = build_method(load_config(None, [*TINY, "--method.seg_warmup", "0"]), SPEC)
+    b = _batch()
+    plain = m.pseudo_labels(b["image"], b["tags"], b["valid"])
+    assert (plain == 0).any() and (plain != 0).any()
+    m.mods["no_bg"] = NoBackground(None, m)
+    assert torch.equal(m.pseudo_labels(b["image"], b["tags"], b["valid"]), plain.masked_fill(plain == 0, 255))
+    seen = []
+    refine = NoBackground.refine_labels
+    m.mods["no_bg"].refine_labels = lambda *a: seen.append(refine(m.mods["no_bg"], *a)) or seen[-1]
+    m.train_step(b, 0)
+    assert len(seen) == 1 and not (seen[0] == 0).any() and (seen[0] != 255).any()

@@ -77,6 +77,17 @@ def test_class_tokens_start_as_the_identity_and_their_read_gate_learns():
     m.cam_head(out.tokens).sum().backward()  # a loss on the patches only
     tok = m.mods["class_tokens"].tok
     assert tok.gate.grad is not None and tok.gate.grad.abs().min() > 0  # both gates (blocks 4, 5) learn
+    # ... and the gradient is the loss's true right-derivative at 0 (sign and size), block by block
+    m, x64 = m.double(), x.double()
+    tok.gate.grad = None
+    m.cam_head(m.backbone(x64).tokens).sum().backward()
+    with torch.no_grad():
+        base_loss = float(m.cam_head(m.backbone(x64).tokens).sum())
+        for j in range(2):
+            tok.gate[j] = 1e-6
+            slope = (float(m.cam_head(m.backbone(x64).tokens).sum()) - base_loss) / 1e-6
+            tok.gate[j] = 0.0
+            assert abs(slope - float(tok.gate.grad[j])) < 1e-3 * abs(slope), (j, slope, tok.gate.grad)
     opened = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]",
                     "--method.class_tokens.read_gate_init", "1.0")  # fmt: skip
     opened.backbone.load_state_dict(base.backbone.state_dict())

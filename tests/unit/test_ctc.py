@@ -87,5 +87,7 @@ def test_ctc_second_view_flip_or_independent_random_resized_crop():
             assert torch.equal(second, x.flip(-1))
         else:
             gen = sample_generator(batch, 0, x.device, stream=1)
-            expect = random_resized_view(x, gen, (0.4, 1.0), p_jitter=0.8, **TOCO_VIEW2).image
+            # ToCo's datasets/voc.py: RandomResizedCrop(scale 0.4-1), jitter p 0.8, grey 0.2, blur 0.1, solarise 0.2
+            assert TOCO_VIEW2 == {"scale": (0.4, 1.0), "p_jitter": 0.8, "p_gray": 0.2, "p_blur": 0.1, "p_solarize": 0.2}
+            expect = random_resized_view(x, gen, **TOCO_VIEW2).image
             assert torch.equal(second, expect) and not torch.equal(second, x.flip(-1))

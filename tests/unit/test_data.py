@@ -125,6 +125,18 @@ def test_gaussian_blur_grey_and_solarise_by_hand():
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     grey_rgb = grey * std + mean
     assert torch.allclose(grey_rgb[:, 0], grey_rgb[:, 2], atol=1e-5) and not torch.allclose(base, grey)
+    # Blur: the drawn radius of each chosen image (after the 8 per-image draws), the others untouched.
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(2, 8, generator=g)
+    sigma = 0.1 + 1.9 * torch.rand(2, generator=g)
+    blurred = random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0, p_blur=1.0).image
+    want = (gaussian_blur(base * std + mean, sigma) - mean) / std
+    assert torch.allclose(blurred, want, atol=1e-5)
+    p = float((u[0, 7] + u[1, 7]) / 2)  # exactly one of the two images is chosen
+    part = random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0, p_blur=p).image
+    on = u[:, 7] < p
+    assert on.sum() == 1 and torch.allclose(part[~on], base[~on], atol=1e-5)
+    assert (part[on] - base[on]).abs().amax() > 1e-2
     sol = random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0, p_solarize=1.0).image * std + mean
     b = (base * std + mean).clamp(0, 1)
     assert torch.allclose(sol, torch.where(b >= 0.5, 1 - b, b), atol=1e-5)

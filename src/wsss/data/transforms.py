@@ -117,7 +117,7 @@ def _jitter(x: torch.Tensor, strength: float, rng: np.random.Generator) -> torch
     x = x * b
     mean = x.mean()
     x = (x - mean) * c + mean
-    gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    gray = grayscale(x)
     x = (x - gray) * s + gray
     return x.clamp_(0, 1)
 

@@ -61,7 +61,7 @@ def random_resized_view(
         rgb = denormalize(img) * b[:, None, None, None]
         mean = rgb.mean((1, 2, 3), keepdim=True)
         rgb = (rgb - mean) * c[:, None, None, None] + mean
-        gray = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
+        gray = grayscale(rgb)
         rgb = ((rgb - gray) * s[:, None, None, None] + gray).clamp(0, 1)
         img = torch.where(on, normalize(rgb), img)
     if p_gray > 0 or p_blur > 0 or p_solarize > 0:
@@ -70,7 +70,10 @@ def random_resized_view(
             rgb = torch.where((u[:, 6] < p_gray)[:, None, None, None], grayscale(rgb), rgb)
         if p_blur > 0:
             sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * torch.rand(B, generator=gen, device=dev)
-            rgb = torch.where((u[:, 7] < p_blur)[:, None, None, None], gaussian_blur(rgb, sigma), rgb)
+            on = u[:, 7] < p_blur
+            if bool(on.any()):  # only the chosen images are blurred (ToCo's second view: 1 in 10)
+                rgb = rgb.clone()
+                rgb[on] = gaussian_blur(rgb[on], sigma[on])
         if p_solarize > 0:
             sol = (torch.rand(B, generator=gen, device=dev) < p_solarize)[:, None, None, None]
             rgb = torch.where(sol & (rgb >= 0.5), 1 - rgb, rgb)

@@ -54,8 +54,8 @@ from wsss.models.backbone import split_output
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
-# ToCo's second global view beyond the crop, flip and jitter (its datasets/voc.py): grey, blur, solarise.
-TOCO_VIEW2 = {"p_gray": 0.2, "p_blur": 0.1, "p_solarize": 0.2}
+# ToCo's second global view (its datasets/voc.py): crop area, jitter, grey, blur, solarisation.
+TOCO_VIEW2 = {"scale": (0.4, 1.0), "p_jitter": 0.8, "p_gray": 0.2, "p_blur": 0.1, "p_solarize": 0.2}
 
 
 @METHODS.register("toco")
@@ -166,7 +166,7 @@ class ToCo(ModuleHost, Method):
             s2 = c.ctc_global_scale
             if c.ctc_view == "random":
                 gen2 = sample_generator(batch, it, x.device, stream=1)
-                x2 = random_resized_view(x, gen2, (0.4, 1.0), p_jitter=0.8, **TOCO_VIEW2).image
+                x2 = random_resized_view(x, gen2, **TOCO_VIEW2).image
             else:
                 x2 = x.flip(-1)
             x2 = x2 if s2 == 1.0 else F.interpolate(x2, scale_factor=s2, mode="bilinear")
