@@ -75,7 +75,7 @@ def _load_run(target: str, extra: list[str]):
 
 def cmd_evaluate(args, extra: list[str]) -> int:
     """`wsss evaluate`: score a run or checkpoint on a split; writes JSON and prints a table."""
-    from wsss.build import build_dataset
+    from wsss.build import build_eval_dataset
     from wsss.data.loader import eval_loader
     from wsss.engine import dist
     from wsss.evaluation.evaluators import format_table, run_evaluation
@@ -84,7 +84,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     device = dist.init_from_env(device)  # under torchrun each rank scores its shard; matrices are summed
     method.to(device)
     split = args.split or cfg.eval.split or cfg.data.val_split
-    ds = build_dataset(cfg, split, train=False, load_masks=True)
+    ds = build_eval_dataset(cfg, split)
     if args.max_images:
         ds.items = ds.items[: args.max_images]
     if tuple(ds.classes.names) != tuple(classes.names):
@@ -95,7 +95,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
         from tqdm import tqdm
 
         progress = lambda it: tqdm(it, desc=f"evaluate {split}", dynamic_ncols=True)  # noqa: E731
-    which = tuple(args.which.split(","))
+    which = tuple(args.which.split(",")) if ds.load_masks else ("tags",)  # no masks: the tag level only
     res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
     out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
     report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
@@ -258,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run directory or checkpoint")
     e.add_argument("target", help="run directory or checkpoint file")
     e.add_argument("--split", default="", help="split to evaluate (default: the config's val split)")
-    e.add_argument("--which", default="seg,cam,pseudo", help="comma list of seg, cam, pseudo")
+    e.add_argument(
+        "--which",
+        default="seg,cam,pseudo",
+        help="comma list of seg, cam, pseudo, tags (a split without masks: tags only)",
+    )
     e.add_argument("--max-images", type=int, default=0)
     e.add_argument("--out", default="", help="JSON output (default: RUN_DIR/eval_<split>.json)")
     e.set_defaults(fn=cmd_evaluate)

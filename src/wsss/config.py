@@ -35,6 +35,7 @@ class DataConfig:
     train_split: str = "train_aug"
     val_split: str = "val"
     no_background: bool = False  # folder datasets whose domain has no background class
+    holdout: float = 0.1  # folder datasets: share of a single folder (no split lists) held out as its val split
     crop_size: int = 448
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
@@ -43,6 +44,10 @@ class DataConfig:
     p_blur: float = 0.0  # probability of a Gaussian blur, radius 0.1-2 px (ToCo's training view: 1.0)
     num_workers: int = 2
     max_val_images: int = 0  # 0: all
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"config key 'data.holdout' must be in [0, 1), got {self.holdout!r}")
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,11 @@ def bench_quality(configs: list[str], out: str, seeds: int, data: str = "", over
     rows = plan_rows(configs, overrides, ablate, reference)
     first = {r["label"]: row_config(r, overrides, 0) for r in rows}
     check_like_for_like(first)
+    from wsss.build import build_dataset, build_eval_dataset
+
+    cfg0 = next(iter(first.values()))
+    if not build_eval_dataset(cfg0, cfg0.eval.split or cfg0.data.val_split).load_masks:
+        raise ConfigError("bench quality: the val split has no masks; the benchmark scores mIoU against masks")
     for label, cfg in first.items():
         if cfg.train.eval_every < 0:
             raise ConfigError(f"bench quality: '{label}' has train.eval_every -1; the benchmark scores the final model")
@@ -243,8 +248,6 @@ def bench_quality(configs: list[str], out: str, seeds: int, data: str = "", over
             slug = r["label"].replace(" -", "-no-").replace(" ", "_").replace("/", "_")
             r["runs"][str(seed)] = run_seed(cfg, out_dir / "runs" / slug / f"seed{seed}")
         r["method"], r["modules"] = cfg.method_name, list(getattr(cfg.method, "modules", ()))
-    from wsss.build import build_dataset
-
     val = build_dataset(cfg, cfg.eval.split or cfg.data.val_split, train=False, load_masks=True)
     val_images = min(len(val), cfg.data.max_val_images or len(val))
     runs = [run for r in rows for run in r["runs"].values()]

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, read_image, read_mask
+from wsss.data.io import DataError, image_size, read_image, read_mask
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class SegDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def image_size(self, idx: int) -> tuple[int, int]:
+        """Displayed (H, W) of image ``idx`` from its file header (no decode): what evaluation batches by."""
+        return image_size(self.items[idx].image)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         idx, seed = key if isinstance(key, tuple) else (key, idx_seed(key))

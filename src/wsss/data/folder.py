@@ -7,12 +7,18 @@
     ROOT/<split>.txt       optional list of image file names for a split (else every row of tags.csv)
 
 Train and val can be two separate folders (``data.train_root`` / ``data.val_root``); both must
-share one class list (give classes.txt, or the train folder's tags define it).
+share one class list (give classes.txt, or the train folder's tags define it). One folder without
+split lists is split by itself: ``data.holdout`` (0.1) of its images, chosen by a hash of their names
+(the same on every run and machine), are the val split and are not trained on, so its val scores
+(mIoU, or the tag-level score of a folder without masks) are measured on images the model has not
+seen; with only ``<val_split>.txt``, training takes every image it does not list.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import logging
 from pathlib import Path
 
 from wsss.data.base import Item, SegDataset, data_root, read_list
@@ -20,6 +26,8 @@ from wsss.data.classes import ClassSpec
 from wsss.data.io import DataError
 from wsss.data.voc import read_classes_txt
 from wsss.registry import DATASETS
+
+log = logging.getLogger("wsss")
 
 
 def read_tags_csv(root: Path, problems: list[tuple[str, str]] | None = None) -> list[tuple[str, tuple[str, ...]]]:
@@ -83,11 +91,37 @@ def read_folder(root: Path, split: str | None, classes: ClassSpec | None, no_bac
     return items, classes
 
 
+def held_out(names: list[str], share: float) -> set[str]:
+    """The names of a ``share`` of ``names`` (at least 1 of 2 or more, never all): those whose SHA-1
+    comes first, whatever the order of ``names``."""
+    if share <= 0 or len(names) < 2:
+        return set()
+    k = min(len(names) - 1, max(1, round(share * len(names))))
+    return set(sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())[:k])
+
+
 @DATASETS.register("folder")
 def build_folder(cfg, split: str, transform, load_masks: bool) -> SegDataset:
-    """Folder dataset for ``split``; the class list always comes from the train folder."""
+    """Folder dataset for ``split``; the class list always comes from the train folder. Train and val in
+    one folder: without ``<split>.txt`` lists val is the ``cfg.holdout`` share and train the rest; with
+    only a val list, train is every image not in it."""
     train_root = data_root(cfg.train_root or cfg.root, "folder")
     _, classes = read_folder(train_root, None, None, cfg.no_background)
-    root = train_root if split == cfg.train_split else data_root(cfg.val_root or cfg.root, "folder")
+    val_root = data_root(cfg.val_root or cfg.root or cfg.train_root, "folder")
+    root = train_root if split == cfg.train_split else val_root
     items, classes = read_folder(root, split, classes, cfg.no_background)
+    if split == cfg.val_split == cfg.train_split or train_root.resolve() != val_root.resolve():
+        return SegDataset(items, classes, transform, load_masks)
+    train_list, val_list = (root / f"{s}.txt" for s in (cfg.train_split, cfg.val_split))
+    if split == cfg.train_split and val_list.is_file() and not train_list.is_file():
+        val = {it.name for it in read_folder(root, cfg.val_split, classes, cfg.no_background)[0]}
+        items = [it for it in items if it.name not in val]
+    elif split in (cfg.train_split, cfg.val_split) and not train_list.is_file() and not val_list.is_file():
+        n, held = len(items), held_out([it.name for it in items], cfg.holdout)
+        if held:
+            items = [it for it in items if (it.name in held) == (split == cfg.val_split)]
+            log.info("%s: no %s or %s, so %d of its %d images (data.holdout %g) are the val split, not trained on",
+                     root, train_list.name, val_list.name, len(held), n, cfg.holdout)  # fmt: skip
+    if not items:
+        raise DataError(f"{root}: no images left for split '{split}' once the val split is set aside")
     return SegDataset(items, classes, transform, load_masks)

@@ -1,7 +1,9 @@
 """Image and label-mask IO with one-line errors that name the file.
 
 Masks are palette (or single-channel) PNGs of label indices, read with Pillow without any colour
-conversion: ``convert('L')`` or OpenCV would map indices to luminance or colours.
+conversion: ``convert('L')`` or OpenCV would map indices to luminance or colours. Every read applies
+the file's EXIF orientation, so images and masks are used as a photo viewer shows them (a phone photo
+stored 4032 x 3024 with orientation 6 is a 3024 x 4032 portrait).
 """
 
 from __future__ import annotations
@@ -12,10 +14,43 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
+_ORIENTATION = 0x0112  # EXIF tag
+_SWAPS = (5, 6, 7, 8)  # orientations that turn the picture by 90 degrees (transpose, rotate, transverse)
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an open image; 1 when it has none or it is unreadable."""
+    try:
+        o = int(im.getexif().get(_ORIENTATION, 1))
+    except Exception:  # a malformed EXIF block: Pillow raises assorted errors; the pixels are still usable
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(H, W) of an open image as displayed (after its EXIF orientation), read from the header only."""
+    return (im.width, im.height) if orientation(im) in _SWAPS else (im.height, im.width)
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned to its EXIF orientation (pixel values and mode unchanged)."""
+    return ImageOps.exif_transpose(im) if orientation(im) != 1 else im
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """Displayed (H, W) of an image file from its header (no decode); DataError when it cannot be opened."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return displayed_size(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
 class DataError(ValueError):
@@ -31,17 +66,20 @@ def image_problem(path: str | Path) -> tuple[str, str] | None:
 
 
 def inspect_image(path: str | Path) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
-    """(problem as :func:`image_problem` gives it, (H, W) when the file decodes): one open, one decode."""
+    """(problem as :func:`image_problem` gives it, displayed (H, W) when the file decodes): one open, one decode."""
     path = Path(path)
     if not path.is_file():
         return ("error", f"{path}: image file is missing"), None
     try:
         with Image.open(path) as im:
-            mode, size = im.mode, (im.height, im.width)
+            mode, size, turn = im.mode, displayed_size(im), orientation(im)
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         return ("error", f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})"), None
-    return _mode_problem(path, mode), size
+    prob = _mode_problem(path, mode)
+    if prob is None and turn != 1:  # masks drawn on the stored pixels would not fit: say which way it is read
+        prob = ("warning", f"{path}: EXIF orientation {turn}: used as displayed, {size[0]}x{size[1]} (height x width)")
+    return prob, size
 
 
 def _mode_problem(path: Path, mode: str) -> tuple[str, str] | None:
@@ -57,7 +95,8 @@ def _mode_problem(path: Path, mode: str) -> tuple[str, str] | None:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an RGB image as (H, W, 3) uint8; grayscale and RGBA are converted with a warning once."""
+    """Read an RGB image as (H, W, 3) uint8, as displayed (EXIF orientation applied); grayscale and RGBA
+    are converted with a warning once."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -67,7 +106,7 @@ def read_image(path: str | Path) -> np.ndarray:
             if mode != "RGB" and str(path) not in _warned:
                 _warned.add(str(path))
                 log.warning("%s: %s image converted to RGB", path, mode)
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(_upright(im).convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{path}: image file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -75,24 +114,28 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a label mask as (H, W) uint8 indices, never colour-converted.
+    """Read a label mask as (H, W) uint8 indices, never colour-converted, as displayed (EXIF orientation
+    applied, like its image).
 
     Args:
         path: palette or single-channel PNG.
-        size: expected (H, W) (the image's); a mismatch raises DataError.
+        size: expected displayed (H, W) (the image's); a mismatch raises DataError.
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L"):
                 raise DataError(f"{path}: mask is {im.mode}; expected a palette or single-channel PNG of label indices")
-            arr = np.asarray(im)
+            arr = np.asarray(_upright(im))
     except FileNotFoundError:
         raise DataError(f"{path}: mask file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
     if size is not None and tuple(arr.shape) != tuple(size):
-        raise DataError(f"{path}: mask is {arr.shape[0]}x{arr.shape[1]} but its image is {size[0]}x{size[1]}")
+        raise DataError(
+            f"{path}: mask is {arr.shape[0]}x{arr.shape[1]} but its image is {size[0]}x{size[1]} "
+            "(height x width, as displayed: EXIF orientation applied)"
+        )
     return arr
 
 

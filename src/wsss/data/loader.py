@@ -51,6 +51,30 @@ class ShardSampler(Sampler):
         return len(self.idx)
 
 
+class SizeBatchSampler(Sampler):
+    """Batches of up to ``batch`` indices of one image size from the shard ``rank, rank + world, ...``:
+    images of different sizes are never stacked into one batch (a user's folder mixes them), and a split
+    of one size gives exactly the shard's consecutive batches.
+
+    Args:
+        sizes: (H, W) of every image of the dataset, by index.
+        batch: largest batch.
+        rank, world: this process's shard.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], batch: int, rank: int = 0, world: int = 1) -> None:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in range(rank, len(sizes), world):
+            groups.setdefault(tuple(sizes[i]), []).append(i)
+        self.batches = [g[k : k + batch] for g in groups.values() for k in range(0, len(g), batch)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def train_loader(ds: Dataset, micro: int, seed: int, start: int, rank: int, world: int, workers: int) -> DataLoader:
     """Endless loader of micro-batches starting at global sample position ``start``."""
     return DataLoader(
@@ -65,6 +89,11 @@ def train_loader(ds: Dataset, micro: int, seed: int, start: int, rank: int, worl
 
 
 def eval_loader(ds: Dataset, batch: int, rank: int, world: int, workers: int) -> DataLoader:
-    """Sharded, ordered evaluation loader."""
+    """Sharded, ordered evaluation loader; with ``batch`` > 1, batches of one image size
+    (:class:`SizeBatchSampler`, sizes read from the files' headers by ``ds.image_size``)."""
+    gen = torch.Generator().manual_seed(0)
+    if batch > 1 and hasattr(ds, "image_size"):
+        sampler = SizeBatchSampler([ds.image_size(i) for i in range(len(ds))], batch, rank, world)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=workers, generator=gen)
     return DataLoader(ds, batch_size=batch, sampler=ShardSampler(len(ds), rank, world), num_workers=workers,
-                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+                      generator=gen)  # fmt: skip

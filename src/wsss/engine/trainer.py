@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from wsss.build import build_dataset, build_method
+from wsss.build import build_dataset, build_eval_dataset, build_method
 from wsss.config import ConfigError, RunConfig, dump_config
 from wsss.data.io import atomic_write
 from wsss.data.loader import eval_loader, train_loader
@@ -30,7 +30,7 @@ from wsss.engine import dist
 from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from wsss.engine.optim import build_optimizer, set_lr
 from wsss.engine.threads import busy_host_warning, configure_threads, cpu_budget
-from wsss.evaluation.evaluators import format_table, run_evaluation
+from wsss.evaluation.evaluators import format_table, headline, run_evaluation
 from wsss.registry import METHODS
 
 log = logging.getLogger("wsss")
@@ -128,7 +128,7 @@ class Trainer:
         self.method = build_method(cfg, self.classes).to(self.device)
         self.val_ds = None
         if cfg.train.eval_every >= 0:
-            self.val_ds = build_dataset(cfg, cfg.eval.split or cfg.data.val_split, train=False, load_masks=True)
+            self.val_ds = build_eval_dataset(cfg, cfg.eval.split or cfg.data.val_split)  # tags only: tag-level score
             if cfg.data.max_val_images:
                 self.val_ds.items = self.val_ds.items[: cfg.data.max_val_images]
         self.opt = build_optimizer(self.method, cfg.optim)
@@ -191,9 +191,9 @@ class Trainer:
         loader = eval_loader(
             self.val_ds, self.cfg.eval.batch_size, dist.rank(), dist.world_size(), self.cfg.data.num_workers
         )
-        res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device)
-        self._log({"iter": it, "split": self.cfg.eval.split or self.cfg.data.val_split,
-                   **{f"{k}_miou": v["miou"] for k, v in res.items()}})  # fmt: skip
+        which = ("seg", "cam", "pseudo") if self.val_ds.load_masks else ("tags",)
+        res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which)
+        self._log({"iter": it, "split": self.cfg.eval.split or self.cfg.data.val_split, **headline(res)})
         if dist.is_main():
             log.info("iteration %d evaluation:\n%s", it, format_table(res, self.classes))
             if self.tb is not None:

@@ -3,7 +3,8 @@
 CAM protocol: CAMs of the ground-truth image classes only, a constant background threshold
 (``bkg_thre``); the oracle sweep over thresholds uses the ground truth to pick the best one and is
 reported separately, labelled as such. Pseudo labels: scored with 255 counted as background, and with
-255 excluded (plus its coverage).
+255 excluded (plus its coverage). A split without masks is scored at the tag level (``tags``: the
+model's image-level class scores against the image tags), so a run on tags alone can be judged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from wsss.cam.labels import cam_to_label
 from wsss.data.classes import ClassSpec
+from wsss.engine.dist import all_reduce_sum
 from wsss.evaluation.confusion import ConfusionMatrix
 from wsss.evaluation.inference import predict_probs
 
@@ -106,9 +108,68 @@ class PseudoLabelEvaluator:
         return dict(main, ignored_excluded=excl)
 
 
+class TagEvaluator:
+    """Image-level tags: per-class average precision (its mean over the classes with a positive image is
+    ``map``) and F1 at score ``threshold`` (macro ``f1`` over the classes that are tagged or predicted).
+
+    Scores are counted in ``bins`` equal bins of [0, 1] per class, positives and negatives apart, so that
+    processes add counts (DDP) instead of gathering scores. AP sums precision x recall gained over the
+    thresholds from the top bin down (scikit-learn's average_precision_score, exactly so when no two
+    images of a class share a bin; images in one bin count as tied).
+    """
+
+    key = "tags"
+
+    def __init__(self, classes: ClassSpec, threshold: float = 0.5, bins: int = 1000) -> None:
+        self.classes, self.threshold, self.bins = classes, threshold, bins
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new pass."""
+        self.counts = torch.zeros(2, self.classes.num_fg, self.bins, dtype=torch.int64)  # (neg/pos, C, bins)
+
+    def process(self, batch: dict, outputs: dict) -> None:
+        """outputs["tags"]: (B, C) scores in [0, 1]; batch["tags"]: (B, C) multi-hot ground truth."""
+        s, t = outputs["tags"].float().cpu().clamp(0, 1), batch["tags"].cpu().long()
+        b = (s * self.bins).floor().long().clamp_(max=self.bins - 1)  # bin i holds [i, i + 1) / bins
+        C = s.shape[1]
+        idx = (t * C + torch.arange(C)) * self.bins + b  # (B, C) flat index into counts
+        self.counts += torch.bincount(idx.flatten(), minlength=self.counts.numel()).view_as(self.counts)
+
+    def compute(self) -> dict:
+        """{"map", "ap" (C,), "f1", "f1_per_class" (C,), "threshold", "images"}; NaN for a class without
+        a positive image (AP) or without positives and predictions (F1)."""
+        all_reduce_sum(self.counts)
+        neg, pos = self.counts.double()
+        n_pos = pos.sum(1)
+        tp, fp = pos.flip(1).cumsum(1), neg.flip(1).cumsum(1)  # at each threshold, from the top bin down
+        prec = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+        ap = (prec * pos.flip(1)).sum(1) / n_pos
+        ap = torch.where(n_pos > 0, ap, torch.full_like(ap, float("nan")))
+        cut = round(self.threshold * self.bins)
+        tp1, fp1 = pos[:, cut:].sum(1), neg[:, cut:].sum(1)
+        denom = 2 * tp1 + fp1 + (n_pos - tp1)
+        f1 = torch.where(denom > 0, 2 * tp1 / denom.clamp(min=1), torch.full_like(denom, float("nan")))
+        return {"map": float(torch.nanmean(ap)), "ap": ap.tolist(), "f1": float(torch.nanmean(f1)),
+                "f1_per_class": f1.tolist(), "threshold": self.threshold,
+                "images": int(self.counts[:, 0].sum())}  # fmt: skip
+
+
+def headline(results: dict) -> dict[str, float]:
+    """The one-number scores of ``results`` ({key: metrics}) for logs: ``<key>_miou`` for the mask
+    evaluators, ``tags_map`` and ``tags_f1`` for the tag level."""
+    out = {}
+    for k, v in results.items():
+        if "miou" in v:
+            out[f"{k}_miou"] = v["miou"]
+        else:
+            out.update({f"{k}_map": v["map"], f"{k}_f1": v["f1"]})
+    return out
+
+
 def build_evaluators(method, classes: ClassSpec, ecfg, which: tuple[str, ...]) -> list:
-    """The evaluators of ``which`` (seg, cam, pseudo) that ``method`` supports."""
-    evs = []
+    """The evaluators of ``which`` (seg, cam, pseudo: masks needed; tags: tags only) that ``method`` supports."""
+    evs = [TagEvaluator(classes)] if "tags" in which else []
     if "seg" in which:
         evs.append(SegEvaluator(classes))
     if method.has_cams and "cam" in which:
@@ -124,7 +185,8 @@ def build_evaluators(method, classes: ClassSpec, ecfg, which: tuple[str, ...]) -
 def run_evaluation(
     method, loader, classes: ClassSpec, ecfg, device, which=("seg", "cam", "pseudo"), progress=None
 ) -> dict:
-    """Evaluate ``method`` over ``loader`` (batches with masks); returns {key: metrics}."""
+    """Evaluate ``method`` over ``loader`` (batches with masks, except for ``which`` = ("tags",)); returns
+    {key: metrics}."""
     evs = build_evaluators(method, classes, ecfg, which)
     was_training = method.training
     method.eval()
@@ -132,6 +194,8 @@ def run_evaluation(
         x = batch["image"].to(device)
         tags = batch["tags"].to(device)
         outputs = {}
+        if any(e.key == "tags" for e in evs):
+            outputs["tags"] = method.predict_tags(x)
         if any(e.key == "seg" for e in evs):
             outputs["seg"] = predict_probs(method, x, ecfg)  # argmax-equivalent to the logits
         if any(e.key in ("cam", "pseudo") for e in evs):
@@ -146,8 +210,11 @@ def run_evaluation(
 
 
 def format_table(results: dict, classes: ClassSpec) -> str:
-    """Per-class IoU table (rows: classes, columns: evaluated outputs) plus mIoU lines."""
-    keys = list(results)
+    """Per-class IoU table (rows: classes, columns: evaluated outputs) plus mIoU lines; the tag level as a
+    per-class AP / F1 table."""
+    keys = [k for k in results if "iou" in results[k]]
+    if not keys:
+        return _format_tags(results["tags"], classes) if "tags" in results else ""
     head = f"{'class':<16}" + "".join(f"{k:>10}" for k in keys)
     lines = [head, "-" * len(head)]
     for i, name in enumerate(classes.seg_names):
@@ -170,4 +237,16 @@ def format_table(results: dict, classes: ClassSpec) -> str:
         lines.append(
             f"pseudo labels with 255 excluded: mIoU {100 * e['miou']:.2f} at coverage {100 * e['coverage']:.1f}%"
         )
+    return "\n".join(lines)
+
+
+def _format_tags(res: dict, classes: ClassSpec) -> str:
+    head = f"{'class':<16}{'AP':>10}{'F1':>10}"
+    lines = [head, "-" * len(head)]
+    for name, ap, f1 in zip(classes.names, res["ap"], res["f1_per_class"]):
+        cells = "".join(f"{'-' if math.isnan(v) else f'{100 * v:.1f}':>10}" for v in (ap, f1))
+        lines.append(f"{name[:16]:<16}{cells}")
+    lines.append("-" * len(head))
+    lines.append(f"tag level ({res['images']} images, no masks): mAP {100 * res['map']:.2f}, "
+                 f"F1 {100 * res['f1']:.2f} at score {res['threshold']:.2f}")  # fmt: skip
     return "\n".join(lines)

@@ -75,6 +75,13 @@ class Method(nn.Module):
         """Segmentation logits (B, K, H, W) at the input size."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def predict_tags(self, images: torch.Tensor) -> torch.Tensor:
+        """Image-level class scores (B, C) in [0, 1]: here each foreground class's largest pixel probability
+        under :meth:`predict_seg`; methods with an image classifier give its sigmoid instead."""
+        o, C = self.classes.fg_offset, self.classes.num_fg
+        return self.predict_seg(images).float().softmax(1)[:, o : o + C].amax((2, 3))
+
     def predict_cams(self, images: torch.Tensor, tags: torch.Tensor | None = None) -> torch.Tensor:
         """CAMs (B, C, H, W) in [0, 1] at the input size."""
         raise NotImplementedError(f"{type(self).__name__} produces no CAMs")

@@ -244,6 +244,12 @@ class ToCo(ModuleHost, Method):
         """PAR-refined pseudo labels (B, H, W), exactly as the seg head is trained on."""
         return self._refine(self.predict_cams(images) if cams is None else cams, images, tags, valid)
 
+    @torch.no_grad()
+    def predict_tags(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B, C) of the CAM head's image classifier (the one trained on the tags)."""
+        net = self.predictor()
+        return torch.sigmoid(net.cam_head(net.encode(images, attn=False).tokens).float())
+
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""
         net = self.predictor()
