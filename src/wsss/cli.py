@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -182,11 +183,23 @@ def cmd_list(args, extra: list[str]) -> int:
     if args.what == "backbones":
         import timm
 
+        def rows(patterns) -> str:
+            tags: dict[str, list[str]] = {}
+            for full in timm.list_models(patterns, pretrained=True):
+                arch, _, tag = full.partition(".")
+                tags.setdefault(arch, []).append(tag or "default")
+            names = timm.list_models(patterns)
+            width = max(len(n) for n in names)
+            marks = {n: f"pretrained: {', '.join(tags[n])}" if n in tags else "no pretrained weights" for n in names}
+            return "\n".join(f"{n:<{width}}  {marks[n]}" for n in names)
+
         print("backbone wrappers (model.arch; auto picks by the timm model's family):", ", ".join(BACKBONES.names()))
-        print("timm ViTs usable as model.backbone (pretrained tags omitted):")
-        print("\n".join(timm.list_models("vit_*") + timm.list_models("deit_*")))
+        print("pretrained weights come from timm's hub (model.weights timm: needs internet once, then its cache) or")
+        print("a local file (model.weights PATH or WSSS_WEIGHTS), which must fit the backbone exactly")
+        print("timm ViTs usable as model.backbone (NAME or NAME.TAG):")
+        print(rows(["vit_*", "deit_*"]))
         print("timm CNNs usable as model.backbone (arch cnn; output stride via model.output_stride):")
-        print("\n".join(timm.list_models(["resnet*", "wide_resnet*", "resnext*"])))
+        print(rows(["resnet*", "wide_resnet*", "resnext*"]))
         return 0
     if args.what == "modules":
         from wsss.methods.pipeline import describe_modules
@@ -340,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"wsss: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `wsss list backbones | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
 
 
 def one_line(e: BaseException) -> str:

@@ -56,3 +56,56 @@ def test_multiscale_cam_with_reused_base_equals_full_computation():
     assert torch.allclose(full, reused, atol=1e-6)
     reused = multi_scale_cam(fn, x, (1.0, 0.5), True, base={0.5: fn(half)}, base_flip={1.0: fn(x.flip(-1))})[0]
     assert torch.allclose(full, reused, atol=1e-6)
+
+
+def _saved(tmp_path, name: str) -> str:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = timm.create_model(name, pretrained=False, num_classes=0).state_dict()
+    path = str(tmp_path / f"{name}.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return path
+
+
+def test_a_weights_file_loads_into_its_own_backbone_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    path = _saved(tmp_path, "test_vit")
+    vit = ViTBackbone("test_vit", path, img_size=160).vit  # test_vit's own grid: no position resampling
+    want = load_file(path)
+    assert all(torch.equal(v, want[k]) for k, v in vit.state_dict().items())
+
+
+def test_a_weights_file_of_another_backbone_is_an_error_naming_both(tmp_path):
+    """timm only logs unexpected keys; a file of another architecture must not train silently."""
+    import pytest
+
+    from wsss.config import ConfigError
+
+    path = _saved(tmp_path, "test_vit2")
+    with pytest.raises(ConfigError, match=r"test_vit2.safetensors: these weights do not fit backbone 'test_vit': "):
+        ViTBackbone("test_vit", path, img_size=48)
+    from wsss.models.cnn import CNNBackbone
+
+    with pytest.raises(ConfigError, match=r"do not fit backbone 'test_resnet': \d+ tensors the backbone has no place"):
+        CNNBackbone("test_resnet", path)
+
+
+def test_list_backbones_marks_pretrained_and_survives_a_closed_pipe():
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # like `| head` gone before the list is printed: every write fails with EPIPE
+    p = subprocess.run([sys.executable, "-m", "wsss", "list", "backbones"], stdout=w, stderr=subprocess.PIPE,
+                       text=True, timeout=120)  # fmt: skip
+    os.close(w)
+    assert p.returncode == 0 and p.stderr == ""
+    full = subprocess.run([sys.executable, "-m", "wsss", "list", "backbones"], capture_output=True, text=True).stdout
+    assert "pretrained weights come from timm's hub" in full
+    rows = {ln.split()[0]: ln for ln in full.splitlines() if ln and not ln[0].isupper() and "  " in ln}
+    assert "pretrained: lvd142m" in rows["vit_small_patch14_dinov2"] and "fb_in1k" in rows["deit_small_patch16_224"]
+    assert rows["vit_base_patch16_18x2_224"].endswith("no pretrained weights")

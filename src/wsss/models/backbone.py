@@ -71,14 +71,55 @@ def resolve_weights(weights: str) -> tuple[str | None, str]:
     return None, "timm"
 
 
+def check_weights_fit(name: str, file: str, **kw) -> None:
+    """Raise ConfigError, naming the file and the backbone, when the weights in ``file`` (after the
+    model family's own checkpoint filter: layout conversion, position-embedding and patch resampling)
+    have tensors the model lacks, lack some of its tensors, or differ in shape. timm itself only logs
+    such keys and loads the rest, so a DINOv2 file given to a DeiT would train silently without its
+    layer scales. The model is built on the meta device: no memory, no initialisation."""
+    import sys
+
+    import timm
+    from timm.models import load_state_dict
+
+    from wsss.config import ConfigError
+
+    kw = {k: v for k, v in kw.items() if k not in ("features_only", "out_indices", "output_stride")}
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **{**kw, "num_classes": 0})
+    try:
+        sd = load_state_dict(file)
+    except Exception as e:  # not a state dict at all
+        raise ConfigError(f"{file}: not a weights file timm can read ({type(e).__name__}: {e})") from None
+    filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filt is not None:
+        sd = filt(sd, model)
+    heads = (model.pretrained_cfg or {}).get("classifier") or "head"
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    have = model.state_dict()
+    extra = [k for k in sd if k not in have and not any(k.startswith(f"{h}.") for h in heads)]
+    lack = [k for k in have if k not in sd]
+    shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(have[k].shape)}" for k in sd if k in have and sd[k].shape != have[k].shape
+    ]
+    if extra or lack or shape:
+        parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for v, what in (
+            (extra, "tensors the backbone has no place for"), (lack, "of its tensors missing from the file"),
+            (shape, "tensors of another shape, file vs backbone")) if v]  # fmt: skip
+        raise ConfigError(f"{file}: these weights do not fit backbone '{name}': {'; '.join(parts)}. Give the "
+                          "backbone the file was saved from (model.backbone) or another file (model.weights, "
+                          "WSSS_WEIGHTS)")  # fmt: skip
+
+
 def create_timm(name: str, weights: str, **kw) -> tuple[nn.Module, str]:
     """``timm.create_model(name, **kw)`` with weights from a file, timm's download, or none (see
-    :func:`resolve_weights`); an unavailable download falls back to random init with a warning.
-    Returns (model, source label)."""
+    :func:`resolve_weights`); an unavailable download falls back to random init with a warning. A file
+    must fit the backbone exactly (:func:`check_weights_fit`). Returns (model, source label)."""
     import timm
 
     file, source = resolve_weights(weights)
     if file is not None:
+        check_weights_fit(name, file, **kw)
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kw), source
     if source != "timm":
         return timm.create_model(name, pretrained=False, **kw), source
