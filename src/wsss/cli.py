@@ -52,26 +52,9 @@ def cmd_train(args, extra: list[str]) -> int:
 
 def _load_run(target: str, extra: list[str]):
     """(cfg, method, classes, device, run_dir) from a run directory or a checkpoint path."""
-    from wsss.build import build_method
-    from wsss.config import load_config
-    from wsss.data.classes import ClassSpec
-    from wsss.engine.checkpoint import load_checkpoint
-    from wsss.engine.trainer import pick_device
+    from wsss.api import load_run
 
-    p = Path(target)
-    ckpt = p / "checkpoints" / "last.pt" if p.is_dir() else p
-    run_dir = ckpt.parent.parent
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise SystemExit(f"{cfg_path}: no config.yaml next to the checkpoint (give a run directory)")
-    cfg = load_config(cfg_path, ["--model.weights", "none", *extra])  # the checkpoint holds all weights
-    st = load_checkpoint(ckpt)
-    classes = ClassSpec(tuple(st["classes"]), background=bool(st["background"]))
-    device = pick_device(cfg.train.device)
-    method = build_method(cfg, classes)
-    method.load_state_dict(st["model"])
-    method.to(device).eval()
-    return cfg, method, classes, device, run_dir
+    return load_run(target, extra)
 
 
 def cmd_evaluate(args, extra: list[str]) -> int:
@@ -122,7 +105,7 @@ def cmd_predict(args, extra: list[str]) -> int:
     """`wsss predict`: palette PNG masks for image files/directories or a dataset split."""
     from wsss.config import split_overrides
     from wsss.data.loader import eval_loader
-    from wsss.evaluation.predict import image_dataset, write_predictions
+    from wsss.evaluation.predict import PredictOptions, check_outputs, image_dataset, write_predictions
 
     # argparse stops filling `inputs` at the first override: images after `--eval.crf dense` land in extra
     pairs, more_inputs = split_overrides(extra)
@@ -137,14 +120,23 @@ def cmd_predict(args, extra: list[str]) -> int:
     else:
         ds = image_dataset(args.inputs, classes)
     out = Path(args.out) if args.out else run_dir / "predictions" / (args.split or "images")
+    opts = PredictOptions(args.overlay, args.save_probs, args.save_cams, args.max_side, args.overwrite)
+    if opts.save_cams and not method.has_cams:
+        raise SystemExit(f"wsss predict: --save-cams: {cfg.method_name} has no CAM head")
+    if opts.max_side < 0:
+        raise SystemExit(f"wsss predict: --max-side {opts.max_side}: give a positive side in pixels (0: off)")
+    check_outputs(ds.items, out, opts)  # before any work: never replace an input or another's file
     progress = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         progress = lambda it: tqdm(it, desc="predict", dynamic_ncols=True)  # noqa: E731
-    n = write_predictions(method, eval_loader(ds, 1, 0, 1, cfg.data.num_workers), classes, cfg.eval, device, out,
-                          progress)  # fmt: skip
-    print(f"{n} masks ({', '.join(classes.seg_names)}; scales {list(cfg.eval.scales)}, CRF {cfg.eval.crf}) in {out}")
+    meta = {"run": str(run_dir), "method": cfg.method_name, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
+            "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "max_side": opts.max_side}  # fmt: skip
+    recs = write_predictions(method, eval_loader(ds, 1, 0, 1, cfg.data.num_workers), classes, cfg.eval, device,
+                             out, progress, opts, meta)  # fmt: skip
+    print(f"{len(recs)} masks ({', '.join(classes.seg_names)}; scales {list(cfg.eval.scales)}, CRF {cfg.eval.crf}) "
+          f"in {out}; classes found per image: {out / 'predictions.json'}")  # fmt: skip
     return 0
 
 
@@ -284,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("inputs", nargs="*", help="image files or directories of images")
     pp.add_argument("--split", default="", help="predict a split of the run's dataset instead")
     pp.add_argument("--out", default="", help="output directory (default: RUN_DIR/predictions/<split|images>)")
+    pp.add_argument("--overlay", action="store_true", help="also NAME_overlay.png: image | coloured mask, legend")
+    pp.add_argument("--save-probs", action="store_true", help="also NAME_probs.npy: (K, H, W) float16 probabilities")
+    pp.add_argument("--save-cams", action="store_true", help="also NAME_cams.npy: (C, H, W) float16 CAMs")
+    pp.add_argument("--max-side", type=int, default=0, metavar="PX",
+                    help="predict large images downscaled to this longer side; masks stay at full size")  # fmt: skip
+    pp.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier predict into --out")
     pp.set_defaults(fn=cmd_predict)
     d = sub.add_parser("data", help="demo data and data checks")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

@@ -1,18 +1,23 @@
-"""Write predicted masks as palette PNGs (``wsss predict``): new images or a dataset split."""
+"""``wsss predict``: masks as palette PNGs, optional overlays, probabilities and CAMs, and a
+``predictions.json`` of the classes found, for new images or a dataset split."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from wsss.data.base import Item, SegDataset
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, write_mask
-from wsss.data.transforms import EvalTransform
-from wsss.evaluation.inference import predict_probs
+from wsss.data.io import DataError, atomic_write, write_mask
+from wsss.data.transforms import EvalTransform, denormalize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+INDEX = "predictions.json"
 
 
 def image_items(inputs: list[str]) -> list[Item]:
@@ -41,21 +46,100 @@ def image_dataset(inputs: list[str], classes: ClassSpec) -> SegDataset:
     return SegDataset(image_items(inputs), classes, EvalTransform(), load_masks=False)
 
 
-@torch.no_grad()
-def write_predictions(method, loader, classes: ClassSpec, ecfg, device, out_dir: Path, progress=None) -> int:
-    """Predict each image of ``loader`` and write ``out_dir/<name>.png`` (palette, atomic).
+@dataclass(frozen=True)
+class PredictOptions:
+    """What ``wsss predict`` writes per image besides ``<name>.png``, and how it treats large images."""
 
-    Masks hold indices into ``classes.seg_names`` at the image's original size. Returns the count.
-    """
+    overlay: bool = False  # <name>_overlay.png: image | image under the mask, legend of classes and shares
+    save_probs: bool = False  # <name>_probs.npy: (K, H, W) float16 class probabilities
+    save_cams: bool = False  # <name>_cams.npy: (C, H, W) float16 CAMs in [0, 1]
+    max_side: int = 0  # the network sees images downscaled to this longer side (0: as they are)
+    overwrite: bool = False  # replace outputs that an earlier `wsss predict` listed in this folder's index
+
+
+def output_files(name: str, opts: PredictOptions) -> list[str]:
+    """The file names ``wsss predict`` writes for the image ``name`` under ``opts``."""
+    files = [f"{name}.png"]
+    files += [f"{name}_overlay.png"] if opts.overlay else []
+    files += [f"{name}_probs.npy"] if opts.save_probs else []
+    return files + ([f"{name}_cams.npy"] if opts.save_cams else [])
+
+
+def check_outputs(items: list[Item], out_dir: Path, opts: PredictOptions) -> None:
+    """Raise DataError before any work when an output would replace an input image, or a file this
+    command did not write: any existing one, or with ``overwrite`` one that no earlier ``wsss predict``
+    index in ``out_dir`` lists."""
+    inputs = {it.image.resolve() for it in items}
+    ours: set[str] = set()
+    index = out_dir / INDEX
+    if opts.overwrite and index.is_file():
+        try:
+            ours = {f for im in json.loads(index.read_text())["images"] for f in im["outputs"]} | {INDEX}
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{index}: not an index written by wsss predict; give another --out") from None
+    planned: dict[str, str] = {}
+    for it in items:
+        for f in output_files(Path(it.name).name, opts):
+            if planned.setdefault(f, it.name) != it.name:  # e.g. images `a` and `a_overlay` with --overlay
+                raise DataError(f"{out_dir / f}: written for both {planned[f]} and {it.name}; predict them apart")
+            p = out_dir / f
+            if p.resolve() in inputs:
+                raise DataError(f"{p}: is an input image; give another --out")
+            if p.exists() and f not in ours:
+                hint = "it is not in this folder's predictions.json" if opts.overwrite else "give --overwrite"
+                raise DataError(f"{p}: exists and would be replaced ({hint} or another --out)")
+    if index.exists() and INDEX not in ours:
+        raise DataError(f"{index}: exists (give --overwrite to replace an earlier wsss predict, or another --out)")
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> None:
+    im = Image.fromarray(rgb)
+    atomic_write(path, lambda p: im.save(p, format="PNG"))  # the format: the temporary name has no .png
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    def write(p):
+        with open(p, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, arr.astype(np.float16))
+
+    atomic_write(path, write)
+
+
+@torch.no_grad()
+def write_predictions(method, loader, classes: ClassSpec, ecfg, device, out_dir: Path, progress=None,
+                      opts: PredictOptions = PredictOptions(), meta: dict | None = None) -> list[dict]:  # fmt: skip
+    """Predict each image of ``loader`` (batches of one) and write its files (:func:`output_files`, atomic)
+    and ``out_dir/predictions.json``: per image its name, size (H, W), the foreground classes found by
+    decreasing share, every present class's pixel share and the files written. Masks hold indices into
+    ``classes.seg_names`` at the image's displayed size. Returns the per-image records."""
+    from wsss.api import cams_at, probs_at, summarize_mask
+    from wsss.viz.overlay import overlay_panel
+
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = method.training
     method.eval()
-    n = 0
+    records = []
     for batch in progress(loader) if progress else loader:
-        probs = predict_probs(method, batch["image"].to(device), ecfg)
-        pred = probs.max(1).indices.to(torch.uint8).cpu().numpy()
-        for name, m in zip(batch["name"], pred):
-            write_mask(out_dir / f"{Path(name).name}.png", m, classes.palette)
-            n += 1
+        x = batch["image"].to(device)
+        probs = probs_at(method, x, ecfg, opts.max_side)
+        cams = cams_at(method, x, opts.max_side) if opts.save_cams else None
+        for i, name in enumerate(batch["name"]):
+            name = Path(name).name
+            mask = probs[i].argmax(0).to(torch.uint8).cpu().numpy()
+            found, shares = summarize_mask(mask, classes)
+            write_mask(out_dir / f"{name}.png", mask, classes.palette)
+            if opts.overlay:
+                rgb = (denormalize(x[i : i + 1].float())[0].clamp(0, 1) * 255).round().byte()
+                panel = overlay_panel(rgb.permute(1, 2, 0).cpu().numpy(), mask, shares, classes.seg_names,
+                                      classes.palette)  # fmt: skip
+                _save_png(out_dir / f"{name}_overlay.png", panel)
+            if opts.save_probs:
+                _save_npy(out_dir / f"{name}_probs.npy", probs[i].cpu().numpy())
+            if cams is not None:
+                _save_npy(out_dir / f"{name}_cams.npy", cams[i].cpu().numpy())
+            records.append({"name": name, "size": list(mask.shape), "found": list(found), "shares": shares,
+                            "outputs": output_files(name, opts)})  # fmt: skip
     method.train(was_training)
-    return n
+    index = {**(meta or {}), "classes": list(classes.seg_names), "images": records}
+    atomic_write(out_dir / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    return records
