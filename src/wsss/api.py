@@ -76,6 +76,8 @@ def image_tensor(image) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         image = read_image(image)
     elif isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # convert("RGB") would clip them to white
+            raise ValueError(f"PIL image of mode {image.mode} (16/32-bit): convert it to 8-bit RGB")
         image = np.asarray(_upright(image).convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
@@ -97,6 +99,8 @@ def image_tensor(image) -> torch.Tensor:
 def fit_max_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
     """``x`` (B, 3, H, W) downscaled (bilinear, antialiased) so its longer side is at most ``max_side``;
     unchanged when it already is or ``max_side`` is 0."""
+    if max_side < 0:
+        raise ValueError(f"max_side {max_side}: give a positive side in pixels (0: off)")
     H, W = x.shape[-2:]
     if not max_side or max(H, W) <= max_side:
         return x

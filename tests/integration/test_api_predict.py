@@ -83,6 +83,8 @@ def test_summaries_fit_and_overlay_by_hand():
     assert fit_max_side(torch.zeros(1, 3, 100, 50), 40).shape == (1, 3, 40, 20)
     assert fit_max_side(torch.zeros(1, 3, 30, 20), 40).shape == (1, 3, 30, 20)
     assert fit_max_side(torch.zeros(1, 3, 300, 20), 0).shape == (1, 3, 300, 20)
+    with pytest.raises(ValueError, match="max_side -1"):
+        fit_max_side(torch.zeros(1, 3, 30, 20), -1)
     rgb = np.full((2, 3, 3), 100, np.uint8)
     mask = np.array([[0, 1, 1], [2, 2, 2]], np.uint8)
     pal = (0, 0, 0, 128, 0, 0, 0, 128, 0)
@@ -141,6 +143,10 @@ def test_predict_never_replaces_an_input_or_a_file_it_did_not_write(run, demo_ro
     assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 2
     assert "not in this folder's predictions.json" in capsys.readouterr().err
     assert (out / "b.png").read_bytes() == b"user's" and png.read_bytes() == before
+    (out / "b.png").unlink()
+    (out / "b.png").symlink_to(tmp_path / "gone.png")  # a dangling link the user made
+    assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 2
+    assert (out / "b.png").is_symlink()
     Image.open(src).save(folder / "a_overlay.png")  # its mask would be a's overlay
     assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "o2"), "--overlay"]) == 2
     assert "a_overlay.png: written for both a and a_overlay" in capsys.readouterr().err

@@ -85,10 +85,10 @@ def check_outputs(items: list[Item], out_dir: Path, opts: PredictOptions) -> Non
             p = out_dir / f
             if p.resolve() in inputs:
                 raise DataError(f"{p}: is an input image; give another --out")
-            if p.exists() and f not in ours:
+            if (p.exists() or p.is_symlink()) and f not in ours:  # a dangling link is the user's too
                 hint = "it is not in this folder's predictions.json" if opts.overwrite else "give --overwrite"
                 raise DataError(f"{p}: exists and would be replaced ({hint} or another --out)")
-    if index.exists() and INDEX not in ours:
+    if (index.exists() or index.is_symlink()) and INDEX not in ours:
         raise DataError(f"{index}: exists (give --overwrite to replace an earlier wsss predict, or another --out)")
 
 
