@@ -70,13 +70,13 @@ def image_tensor(image) -> torch.Tensor:
     Paths and PIL images are read as displayed (EXIF orientation applied), as in training."""
     from PIL import Image
 
-    from wsss.data.io import _upright, read_image
+    from wsss.data.io import WIDE_MODES, _upright, read_image
     from wsss.data.transforms import normalize
 
     if isinstance(image, (str, Path)):
         image = read_image(image)
     elif isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # convert("RGB") would clip them to white
+        if image.mode in WIDE_MODES:
             raise ValueError(f"PIL image of mode {image.mode} (16/32-bit): convert it to 8-bit RGB")
         image = np.asarray(_upright(image).convert("RGB"))
     if isinstance(image, np.ndarray):

@@ -50,21 +50,15 @@ def cmd_train(args, extra: list[str]) -> int:
     return 0
 
 
-def _load_run(target: str, extra: list[str]):
-    """(cfg, method, classes, device, run_dir) from a run directory or a checkpoint path."""
-    from wsss.api import load_run
-
-    return load_run(target, extra)
-
-
 def cmd_evaluate(args, extra: list[str]) -> int:
     """`wsss evaluate`: score a run or checkpoint on a split; writes JSON and prints a table."""
+    from wsss.api import load_run
     from wsss.build import build_eval_dataset
     from wsss.data.loader import eval_loader
     from wsss.engine import dist
     from wsss.evaluation.evaluators import format_table, run_evaluation
 
-    cfg, method, classes, device, run_dir = _load_run(args.target, extra)
+    cfg, method, classes, device, run_dir = load_run(args.target, extra)
     device = dist.init_from_env(device)  # under torchrun each rank scores its shard; matrices are summed
     method.to(device)
     split = args.split or cfg.eval.split or cfg.data.val_split
@@ -103,6 +97,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 def cmd_predict(args, extra: list[str]) -> int:
     """`wsss predict`: palette PNG masks for image files/directories or a dataset split."""
+    from wsss.api import load_run
     from wsss.config import split_overrides
     from wsss.data.loader import eval_loader
     from wsss.evaluation.predict import PredictOptions, check_outputs, image_dataset, write_predictions
@@ -110,7 +105,7 @@ def cmd_predict(args, extra: list[str]) -> int:
     # argparse stops filling `inputs` at the first override: images after `--eval.crf dense` land in extra
     pairs, more_inputs = split_overrides(extra)
     args.inputs += more_inputs
-    cfg, method, classes, device, run_dir = _load_run(args.target, [f"--{k}={v}" for k, v in pairs])
+    cfg, method, classes, device, run_dir = load_run(args.target, [f"--{k}={v}" for k, v in pairs])
     if bool(args.inputs) == bool(args.split):
         raise SystemExit("wsss predict: give image files/directories or --split, not both or neither")
     if args.split:

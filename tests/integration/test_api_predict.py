@@ -43,10 +43,15 @@ def test_every_input_type_gives_the_same_prediction_as_wsss_predict(run, demo_ro
     counts = np.bincount(p.mask.ravel(), minlength=6)
     order = np.argsort(-counts, kind="stable")
     assert p.shares == {model.classes[k]: counts[k] / p.mask.size for k in order if counts[k]}
-    assert main(["predict", str(run), str(img), "--out", str(tmp_path / "o")]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / f"{img.stem}.png")), p.mask)
+    out = tmp_path / "o"
+    assert main(["predict", str(run), str(img), "--out", str(out), "--save-probs", "--save-cams"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / f"{img.stem}.png")), p.mask)
+    # the CLI reads through the dataset pipeline: equal probabilities and CAMs mean equal input normalisation
+    np.testing.assert_allclose(np.load(out / f"{img.stem}_probs.npy").astype(np.float32), p.probs, atol=2e-3)
     cams = model.cams(img)
-    assert cams.shape == (5, *rgb.shape[:2]) and cams.min() >= 0 and cams.max() <= 1 and cams.max() > 0
+    assert cams.shape == (5, *rgb.shape[:2])
+    np.testing.assert_allclose(np.load(out / f"{img.stem}_cams.npy").astype(np.float32), cams, atol=2e-3)
+    assert cams.std() > 1e-3  # not a constant map that any input would give
     assert set(model.tags(img)) == set(model.classes[1:])
 
 
@@ -56,8 +61,12 @@ def test_exif_rotated_pil_image_is_predicted_as_displayed(run, tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display: 40 x 72 stored, 72 x 40 shown
     im.save(tmp_path / "r.jpg", exif=exif)
     model = wsss.load(run, device="cpu")
-    assert model.predict(Image.open(tmp_path / "r.jpg")).mask.shape == (72, 40)
-    assert model.predict(tmp_path / "r.jpg").mask.shape == (72, 40)
+    shown = np.rot90(np.asarray(Image.open(tmp_path / "r.jpg")), k=-1)  # stored pixels turned clockwise
+    want = model.predict(shown).probs
+    assert want.shape[1:] == (72, 40)
+    for x in (Image.open(tmp_path / "r.jpg"), tmp_path / "r.jpg"):
+        np.testing.assert_allclose(model.predict(x).probs, want, atol=1e-5)
+    assert np.abs(model.predict(np.rot90(np.asarray(Image.open(tmp_path / "r.jpg")), k=1)).probs - want).max() > 1e-3
 
 
 def test_bad_inputs_are_plain_errors(run):

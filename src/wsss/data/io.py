@@ -22,6 +22,9 @@ _ORIENTATION = 0x0112  # EXIF tag
 _SWAPS = (5, 6, 7, 8)  # orientations that turn the picture by 90 degrees (transpose, rotate, transverse)
 
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16/32-bit: convert("RGB") clips them to white
+
+
 def orientation(im: Image.Image) -> int:
     """The EXIF orientation (1-8) of an open image; 1 when it has none or it is unreadable."""
     try:
@@ -83,7 +86,7 @@ def inspect_image(path: str | Path) -> tuple[tuple[str, str] | None, tuple[int, 
 
 
 def _mode_problem(path: Path, mode: str) -> tuple[str, str] | None:
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if mode in WIDE_MODES:
         return "error", f"{path}: {mode} (16/32-bit) image; convert it to 8-bit RGB"
     if mode in ("RGBA", "LA", "PA"):
         return "warning", f"{path}: image has an alpha channel ({mode}); alpha is dropped"
@@ -101,7 +104,7 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            if mode in WIDE_MODES:
                 raise DataError(f"{path}: {mode} (16/32-bit) image; convert it to 8-bit RGB")
             if mode != "RGB" and str(path) not in _warned:
                 _warned.add(str(path))

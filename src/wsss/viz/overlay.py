@@ -4,7 +4,10 @@ legend of the classes present with their pixel shares."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from wsss.viz import colorize
 
 SWATCH = 12  # legend row height in pixels (the default bitmap font is 11 px tall)
 
@@ -12,8 +15,7 @@ SWATCH = 12  # legend row height in pixels (the default bitmap font is 11 px tal
 def blend(rgb: np.ndarray, mask: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8 image under (H, W) label indices coloured by ``palette``: ``(1 - alpha) rgb + alpha
     colour``, rounded; returns (H, W, 3) uint8."""
-    pal = np.asarray(list(palette)[: 256 * 3], dtype=np.float32).reshape(-1, 3)
-    col = pal[np.clip(mask.astype(np.int64), 0, len(pal) - 1)]
+    col = colorize(torch.from_numpy(mask.astype(np.int64)), palette).permute(1, 2, 0).numpy().astype(np.float32)
     return np.round((1 - alpha) * rgb.astype(np.float32) + alpha * col).astype(np.uint8)
 
 
