@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from wsss.config import ConfigError, RunConfig
 from wsss.data.base import SegDataset
@@ -23,7 +25,34 @@ def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool) -> 
         builder = DATASETS.get(d.dataset)
     except KeyError as e:
         raise ConfigError(f"config key 'data.dataset': {e.args[0]}") from None
-    return builder(d, split, tf, load_masks)
+    if not (d.mask_dir and split == d.train_split):
+        return builder(d, split, tf, load_masks)
+    ds = builder(d, split, tf, False)  # the dataset's own masks may not exist (tags-only train splits)
+    ds.items = masks_from_dir(ds.items, Path(d.mask_dir).expanduser(), ds.classes)
+    ds.load_masks = load_masks
+    return ds
+
+
+def masks_from_dir(items: list, mask_dir: Path, classes: ClassSpec) -> list:
+    """``items`` with their masks at ``mask_dir/<name>.png``; a missing directory or file, or a
+    ``pseudo_labels.json`` there whose classes differ from ``classes``, is a DataError."""
+    if not mask_dir.is_dir():
+        raise DataError(f"{mask_dir}: data.mask_dir does not exist")
+    index = mask_dir / "pseudo_labels.json"
+    if index.is_file():
+        try:
+            theirs = tuple(json.loads(index.read_text())["classes"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{index}: not an index written by wsss pseudo-labels") from None
+        if theirs != tuple(classes.seg_names):
+            raise DataError(f"{index}: labels of classes {', '.join(theirs)}; this dataset's are "
+                            f"{', '.join(classes.seg_names)}")  # fmt: skip
+    out = [dataclasses.replace(it, mask=mask_dir / f"{Path(it.name).name}.png") for it in items]
+    missing = [it for it in out if not it.mask.is_file()]
+    if missing:
+        raise DataError(f"{missing[0].mask}: no mask for image {missing[0].image} in data.mask_dir "
+                        f"({len(missing)} of {len(out)} missing)")  # fmt: skip
+    return out
 
 
 def build_eval_dataset(cfg: RunConfig, split: str) -> SegDataset:

@@ -120,7 +120,7 @@ def cmd_predict(args, extra: list[str]) -> int:
         raise SystemExit(f"wsss predict: --save-cams: {cfg.method_name} has no CAM head")
     if opts.max_side < 0:
         raise SystemExit(f"wsss predict: --max-side {opts.max_side}: give a positive side in pixels (0: off)")
-    check_outputs(ds.items, out, opts)  # before any work: never replace an input or another's file
+    earlier = check_outputs(ds.items, out, opts)  # before any work: never replace an input or another's file
     progress = None
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -129,9 +129,45 @@ def cmd_predict(args, extra: list[str]) -> int:
     meta = {"run": str(run_dir), "method": cfg.method_name, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
             "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "max_side": opts.max_side}  # fmt: skip
     recs = write_predictions(method, eval_loader(ds, 1, 0, 1, cfg.data.num_workers), classes, cfg.eval, device,
-                             out, progress, opts, meta)  # fmt: skip
+                             out, progress, opts, meta, earlier)  # fmt: skip
     print(f"{len(recs)} masks ({', '.join(classes.seg_names)}; scales {list(cfg.eval.scales)}, CRF {cfg.eval.crf}) "
           f"in {out}; classes found per image: {out / 'predictions.json'}")  # fmt: skip
+    return 0
+
+
+def cmd_pseudo_labels(args, extra: list[str]) -> int:
+    """`wsss pseudo-labels`: a weak run's pseudo labels of a split as palette PNGs (255 uncertain) + JSON."""
+    from wsss.api import load_run
+    from wsss.build import build_dataset
+    from wsss.data.loader import eval_loader
+    from wsss.evaluation.pseudo_export import check_label_outputs, export_pseudo_labels, method_settings
+
+    cfg, method, classes, device, run_dir = load_run(args.target, extra)
+    if not method.has_cams:
+        raise SystemExit(f"wsss pseudo-labels: {cfg.method_name} trains on masks and makes no pseudo labels")
+    if args.crf != "none":
+        from wsss.registry import CRF
+
+        try:
+            CRF.get(args.crf)  # an unknown backend fails here, before any work
+        except KeyError as e:
+            raise SystemExit(f"wsss pseudo-labels: --crf: {e.args[0]}") from None
+    split = args.split or cfg.data.train_split
+    ds = build_dataset(cfg, split, train=False, load_masks=False)
+    out = Path(args.out) if args.out else run_dir / "pseudo_labels" / split
+    earlier = check_label_outputs(ds.items, out, args.overwrite)
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, desc=f"pseudo labels {split}", dynamic_ncols=True)  # noqa: E731
+    meta = {"run": str(run_dir.resolve()), "method": cfg.method_name, "split": split,
+            "method_config": method_settings(cfg.method)}  # fmt: skip
+    loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
+    recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta, earlier)
+    share = sum(r["labelled"] for r in recs) / max(len(recs), 1)
+    print(f"{len(recs)} pseudo labels of split {split} ({100 * share:.1f}% of pixels labelled, 255 elsewhere; "
+          f"CRF {args.crf}) in {out}; train on them with --data.mask_dir {out}")  # fmt: skip
     return 0
 
 
@@ -278,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predict large images downscaled to this longer side; masks stay at full size")  # fmt: skip
     pp.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier predict into --out")
     pp.set_defaults(fn=cmd_predict)
+    pl = sub.add_parser("pseudo-labels", help="write a weak run's pseudo labels of a split (--method.* overrides "
+                        "follow, e.g. --method.cam_scales [1.0,0.5,1.5])")  # fmt: skip
+    pl.add_argument("target", help="run directory or checkpoint file")
+    pl.add_argument("--split", default="", help="split of the run's dataset (default: its train split)")
+    pl.add_argument("--out", default="", help="output directory (default: RUN_DIR/pseudo_labels/<split>)")
+    pl.add_argument("--crf", default="none", help="sharpen with a dense CRF: none | torch | dense ([crf] extra)")
+    pl.add_argument("--overwrite", action="store_true", help="replace the labels of an earlier run into --out")
+    pl.set_defaults(fn=cmd_pseudo_labels)
     d = sub.add_parser("data", help="demo data and data checks")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dm = dsub.add_parser("demo", help="generate the built-in demo dataset (VOC layout)")
@@ -335,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by the benchmarks
     _setup_logging()
-    if extra and args.cmd not in ("train", "evaluate", "predict", "bench"):
+    if extra and args.cmd not in ("train", "evaluate", "predict", "pseudo-labels", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from wsss.config import ConfigError
     from wsss.data.io import DataError

@@ -123,6 +123,9 @@ class Trainer:
             log.warning(warning)
         seed_everything(t.seed)
         needs_masks = METHODS.get(cfg.method_name).needs_masks  # weak methods never read training masks
+        if cfg.data.mask_dir and not needs_masks:
+            raise ConfigError(f"config key 'data.mask_dir': {cfg.method_name} trains on tags and never reads "
+                              "masks; train a method on masks with it (fully_supervised, deeplabv3)")  # fmt: skip
         self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=needs_masks)
         self.classes = self.train_ds.classes
         self.method = build_method(cfg, self.classes).to(self.device)

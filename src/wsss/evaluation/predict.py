@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from wsss.data.base import Item, SegDataset
 from wsss.data.classes import ClassSpec
 from wsss.data.io import DataError, atomic_write, write_mask
 from wsss.data.transforms import EvalTransform, denormalize
+from wsss.evaluation.outputs import guard_outputs, planned_records, write_index
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 INDEX = "predictions.json"
@@ -65,31 +65,13 @@ def output_files(name: str, opts: PredictOptions) -> list[str]:
     return files + ([f"{name}_cams.npy"] if opts.save_cams else [])
 
 
-def check_outputs(items: list[Item], out_dir: Path, opts: PredictOptions) -> None:
+def check_outputs(items: list[Item], out_dir: Path, opts: PredictOptions) -> list[dict]:
     """Raise DataError before any work when an output would replace an input image, or a file this
-    command did not write: any existing one, or with ``overwrite`` one that no earlier ``wsss predict``
-    index in ``out_dir`` lists."""
+    command did not write (:func:`wsss.evaluation.outputs.guard_outputs`). Returns the earlier index's
+    records (kept in the new index for the images this run does not predict)."""
+    planned = {Path(it.name).name: output_files(Path(it.name).name, opts) for it in items}
     inputs = {it.image.resolve() for it in items}
-    ours: set[str] = set()
-    index = out_dir / INDEX
-    if opts.overwrite and index.is_file():
-        try:
-            ours = {f for im in json.loads(index.read_text())["images"] for f in im["outputs"]} | {INDEX}
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{index}: not an index written by wsss predict; give another --out") from None
-    planned: dict[str, str] = {}
-    for it in items:
-        for f in output_files(Path(it.name).name, opts):
-            if planned.setdefault(f, it.name) != it.name:  # e.g. images `a` and `a_overlay` with --overlay
-                raise DataError(f"{out_dir / f}: written for both {planned[f]} and {it.name}; predict them apart")
-            p = out_dir / f
-            if p.resolve() in inputs:
-                raise DataError(f"{p}: is an input image; give another --out")
-            if (p.exists() or p.is_symlink()) and f not in ours:  # a dangling link is the user's too
-                hint = "it is not in this folder's predictions.json" if opts.overwrite else "give --overwrite"
-                raise DataError(f"{p}: exists and would be replaced ({hint} or another --out)")
-    if (index.exists() or index.is_symlink()) and INDEX not in ours:
-        raise DataError(f"{index}: exists (give --overwrite to replace an earlier wsss predict, or another --out)")
+    return guard_outputs(out_dir, planned, inputs, INDEX, opts.overwrite, "wsss predict")
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:
@@ -107,15 +89,22 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 @torch.no_grad()
 def write_predictions(method, loader, classes: ClassSpec, ecfg, device, out_dir: Path, progress=None,
-                      opts: PredictOptions = PredictOptions(), meta: dict | None = None) -> list[dict]:  # fmt: skip
+                      opts: PredictOptions = PredictOptions(), meta: dict | None = None,
+                      earlier: list[dict] = ()) -> list[dict]:  # fmt: skip
     """Predict each image of ``loader`` (batches of one) and write its files (:func:`output_files`, atomic)
     and ``out_dir/predictions.json``: per image its name, size (H, W), the foreground classes found by
     decreasing share, every present class's pixel share and the files written. Masks hold indices into
-    ``classes.seg_names`` at the image's displayed size. Returns the per-image records."""
+    ``classes.seg_names`` at the image's displayed size. The index is written first with every planned
+    file (so a crash leaves none unlisted) and ``earlier``'s records of other images are kept in it.
+    Returns the per-image records."""
     from wsss.api import cams_at, probs_at, summarize_mask
     from wsss.viz.overlay import overlay_panel
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {**(meta or {}), "classes": list(classes.seg_names)}
+    items = loader.dataset.items
+    write_index(out_dir / INDEX, meta, planned_records({Path(it.name).name: output_files(Path(it.name).name, opts)
+                                                        for it in items}), earlier)  # fmt: skip
     was_training = method.training
     method.eval()
     records = []
@@ -140,6 +129,5 @@ def write_predictions(method, loader, classes: ClassSpec, ecfg, device, out_dir:
             records.append({"name": name, "size": list(mask.shape), "found": list(found), "shares": shares,
                             "outputs": output_files(name, opts)})  # fmt: skip
     method.train(was_training)
-    index = {**(meta or {}), "classes": list(classes.seg_names), "images": records}
-    atomic_write(out_dir / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2)))
+    write_index(out_dir / INDEX, meta, records, earlier)
     return records

@@ -1,6 +1,9 @@
-"""``fully_supervised``: the same backbone and seg head trained on ground-truth masks.
+"""``fully_supervised``: the same backbone and seg head trained on masks.
 
-The upper bound every WSSS figure is compared with (same backbone, crop, schedule and head).
+The upper bound every WSSS figure is compared with (same backbone, crop, schedule and head), and the
+second stage of a weak run: trained on its exported pseudo labels (``--data.mask_dir``). With
+``method.head deeplabv3`` on a ResNet at output stride 8 it is torchvision's DeepLabV3
+(``configs/second_stage/``), the classic second-stage network.
 """
 
 from __future__ import annotations
@@ -11,26 +14,33 @@ import torch
 
 from wsss.losses.segmentation import seg_loss
 from wsss.methods.base import Method, StepOutput, upsample
-from wsss.models.heads import LargeFOVHead
+from wsss.models.heads import SEG_HEADS, seg_head
 from wsss.registry import METHODS
 
 
 @METHODS.register("fully_supervised")
 class FullySupervised(Method):
-    """Backbone + LargeFOV head, pixel CE on masks (255 ignored)."""
+    """Backbone + seg head (LargeFOV or DeepLabV3), pixel CE on masks (255 ignored)."""
 
     needs_masks = True
     has_cams = False
 
     @dataclass(frozen=True)
     class Config:
-        """No hyper-parameters of its own beyond the shared model/optim settings."""
+        """The seg loss weight and the head (``largefov`` | ``deeplabv3``, see :func:`wsss.models.heads.seg_head`)."""
 
         w_seg: float = 1.0
+        head: str = "largefov"
+
+        def __post_init__(self) -> None:
+            from wsss.config import ConfigError
+
+            if self.head not in SEG_HEADS:
+                raise ConfigError(f"config key 'method.head' must be one of {', '.join(SEG_HEADS)}, got {self.head!r}")
 
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)
-        self.seg_head = LargeFOVHead(backbone.embed_dim, model_cfg.seg_hidden, classes.K)
+        self.seg_head = seg_head(cfg.head, backbone.embed_dim, model_cfg.seg_hidden, classes.K)
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
         """CE of seg logits against batch["mask"] (B, H, W)."""

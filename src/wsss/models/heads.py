@@ -71,6 +71,23 @@ class LargeFOVHead(nn.Module):
         return self.cls(self.body(feat))
 
 
+SEG_HEADS = ("largefov", "deeplabv3")
+
+
+def seg_head(kind: str, dim: int, hidden: int, num_classes: int) -> nn.Module:
+    """A segmentation head (B, D, h, w) -> (B, K, h, w): ``largefov`` (:class:`LargeFOVHead`, ``hidden``
+    wide: ToCo's) or ``deeplabv3`` (torchvision's ``DeepLabHead``: ASPP at rates 12, 24, 36 with image
+    pooling, 256 channels, BatchNorm; on a ResNet at output stride 8 this is torchvision's
+    ``deeplabv3_resnet50/101`` without its auxiliary head; ``hidden`` is unused)."""
+    if kind == "largefov":
+        return LargeFOVHead(dim, hidden, num_classes)
+    if kind == "deeplabv3":
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+        return DeepLabHead(dim, num_classes)
+    raise ValueError(f"unknown seg head '{kind}' ({' | '.join(SEG_HEADS)})")
+
+
 class ProjectionHead(nn.Module):
     """DINO-style projector: 3-layer MLP to a bottleneck, L2 normalisation, then a weight-normalised
     linear layer whose gain is fixed at 1 (each output is a cosine to a learned direction).
