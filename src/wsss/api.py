@@ -46,6 +46,8 @@ def load_run(target: str | Path, overrides: list[str] | tuple[str, ...] = (), de
     p = Path(target)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such run directory or checkpoint")
+    if p.suffix == ".safetensors":
+        return _load_export(p, overrides, device)
     ckpt = p / "checkpoints" / "last.pt" if p.is_dir() else p
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: no checkpoint in this run directory (training did not save one yet)")
@@ -61,6 +63,29 @@ def load_run(target: str | Path, overrides: list[str] | tuple[str, ...] = (), de
     method.load_state_dict(st["model"])
     method.to(dev).eval()
     return cfg, method, classes, dev, run_dir
+
+
+def _load_export(path: Path, overrides, device):
+    """load_run for a ``wsss export --format safetensors`` file: config, classes and weights all inside."""
+    import tempfile
+
+    from wsss.build import build_method
+    from wsss.config import load_config
+    from wsss.engine.trainer import pick_device
+    from wsss.export import read_safetensors
+
+    state, meta = read_safetensors(path)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.yaml").write_text(meta["config"])
+        cfg = load_config(Path(d) / "config.yaml", ["--model.weights", "none", *overrides])
+    import json
+
+    classes = ClassSpec(tuple(json.loads(meta["classes"])), background=bool(json.loads(meta["background"])))
+    method = build_method(cfg, classes)
+    method.load_state_dict(state)
+    dev = pick_device(device or cfg.train.device)
+    method.to(dev).eval()
+    return cfg, method, classes, dev, path.parent
 
 
 def image_tensor(image) -> torch.Tensor:

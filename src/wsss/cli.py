@@ -135,42 +135,6 @@ def cmd_predict(args, extra: list[str]) -> int:
     return 0
 
 
-def cmd_pseudo_labels(args, extra: list[str]) -> int:
-    """`wsss pseudo-labels`: a weak run's pseudo labels of a split as palette PNGs (255 uncertain) + JSON."""
-    from wsss.api import load_run
-    from wsss.build import build_dataset
-    from wsss.data.loader import eval_loader
-    from wsss.evaluation.pseudo_export import check_label_outputs, export_pseudo_labels, method_settings
-
-    cfg, method, classes, device, run_dir = load_run(args.target, extra)
-    if not method.has_cams:
-        raise SystemExit(f"wsss pseudo-labels: {cfg.method_name} trains on masks and makes no pseudo labels")
-    if args.crf != "none":
-        from wsss.registry import CRF
-
-        try:
-            CRF.get(args.crf)  # an unknown backend fails here, before any work
-        except KeyError as e:
-            raise SystemExit(f"wsss pseudo-labels: --crf: {e.args[0]}") from None
-    split = args.split or cfg.data.train_split
-    ds = build_dataset(cfg, split, train=False, load_masks=False)
-    out = Path(args.out) if args.out else run_dir / "pseudo_labels" / split
-    earlier = check_label_outputs(ds.items, out, args.overwrite)
-    progress = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = lambda it: tqdm(it, desc=f"pseudo labels {split}", dynamic_ncols=True)  # noqa: E731
-    meta = {"run": str(run_dir.resolve()), "method": cfg.method_name, "split": split,
-            "method_config": method_settings(cfg.method)}  # fmt: skip
-    loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
-    recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta, earlier)
-    share = sum(r["labelled"] for r in recs) / max(len(recs), 1)
-    print(f"{len(recs)} pseudo labels of split {split} ({100 * share:.1f}% of pixels labelled, 255 elsewhere; "
-          f"CRF {args.crf}) in {out}; train on them with --data.mask_dir {out}")  # fmt: skip
-    return 0
-
-
 def cmd_data(args, extra: list[str]) -> int:
     """`wsss data demo|check`: generate the demo data, or report every problem of a dataset root."""
     if args.data_cmd == "demo":
@@ -276,6 +240,8 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wsss`` command."""
+    from wsss.cli_stage import cmd_export, cmd_pseudo_labels
+
     p = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a method (dotted overrides such as --train.max_iters 100 follow)")
@@ -322,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--crf", default="none", help="sharpen with a dense CRF: none | torch | dense ([crf] extra)")
     pl.add_argument("--overwrite", action="store_true", help="replace the labels of an earlier run into --out")
     pl.set_defaults(fn=cmd_pseudo_labels)
+    ex = sub.add_parser("export", help="export the inference network: safetensors, onnx or torchscript")
+    ex.add_argument("target", help="run directory or checkpoint file")
+    ex.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript"])
+    ex.add_argument("--out", default="", help="output file (default: RUN_DIR/export.<suffix>)")
+    ex.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="example image size to trace "
+                    "(default: the crop size); TorchScript accepts only this size")  # fmt: skip
+    ex.set_defaults(fn=cmd_export)
     d = sub.add_parser("data", help="demo data and data checks")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dm = dsub.add_parser("demo", help="generate the built-in demo dataset (VOC layout)")
@@ -379,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by the benchmarks
     _setup_logging()
-    if extra and args.cmd not in ("train", "evaluate", "predict", "pseudo-labels", "bench"):
+    if extra and args.cmd not in ("train", "evaluate", "predict", "pseudo-labels", "export", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from wsss.config import ConfigError
     from wsss.data.io import DataError

@@ -138,6 +138,7 @@ class Trainer:
         self.amp = amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_iter = 0
+        self.best: dict = {}  # {"seg_miou", "iter"} of checkpoints/best.pt
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
         elif dist.is_main():
@@ -166,8 +167,21 @@ class Trainer:
         return {
             "model": self.method.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
             "iter": it, "rng": rng_state(), "method": self.cfg.method_name, "classes": list(self.classes.names),
-            "background": self.classes.background,
+            "background": self.classes.background, "best": dict(self.best),
         }  # fmt: skip
+
+    def _save_best(self, it: int, res: dict | None) -> None:
+        """``checkpoints/best.pt`` (weights, classes and the score only: no optimizer) whenever the val seg
+        mIoU beats the best so far; runs without val masks have no seg score and no best.pt."""
+        miou = (res or {}).get("seg", {}).get("miou")
+        if miou is None or miou <= self.best.get("seg_miou", float("-inf")) or not dist.is_main():
+            return
+        self.best = {"seg_miou": float(miou), "iter": it}
+        state = {"model": self.method.state_dict(), "iter": it, "method": self.cfg.method_name,
+                 "classes": list(self.classes.names), "background": self.classes.background,
+                 "best": dict(self.best)}  # fmt: skip
+        save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
+        log.info("best.pt: seg mIoU %.2f at iteration %d", 100 * miou, it)
 
     def _load(self, path: Path) -> None:
         st = load_checkpoint(path, map_location=self.device)
@@ -175,6 +189,8 @@ class Trainer:
         self.opt.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         set_rng_state(st["rng"])
+        best = path.parent / "best.pt"  # last.pt is saved before its iteration's evaluation: best.pt knows more
+        self.best = dict(load_checkpoint(best)["best"]) if best.is_file() else dict(st.get("best", {}))
         self.start_iter = int(st["iter"])
         log.info("resumed from %s at iteration %d", path, self.start_iter)
 
@@ -267,6 +283,7 @@ class Trainer:
                 dist.barrier()
             if (t.eval_every > 0 and done % t.eval_every == 0) or done == t.max_iters:
                 res = self.evaluate(done)
+                self._save_best(done, res)
         if bar is not None:
             bar.close()
         if res is None and end == t.max_iters and self.start_iter >= t.max_iters:

@@ -186,11 +186,17 @@ class ViTBackbone(nn.Module):
         vit = self.vit
         p = self.patch_size
         H, W = x.shape[-2:]
-        if H % p or W % p:
-            # Resize (not pad) to the nearest patch multiple: the token grid then spans exactly the
-            # image, so maps upsampled back to (H, W) stay aligned.
-            x = F.interpolate(x, size=(max(p, round(H / p) * p), max(p, round(W / p) * p)), mode="bilinear",
-                              align_corners=False)  # fmt: skip
+        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if exporting or H % p or W % p:
+            # Resize (not pad) to the nearest patch multiple: the token grid then spans exactly the image,
+            # so maps upsampled back to (H, W) stay aligned. An exported (ONNX) or traced graph always
+            # resizes, a no-op at multiples, so one graph serves every size; its integer rounding sends
+            # exact halves up where Python's round() goes to even (sides of (2k + 0.5) * p only).
+            if exporting:
+                size = (max(p, (H + p // 2) // p * p), max(p, (W + p // 2) // p * p))
+            else:
+                size = (max(p, round(H / p) * p), max(p, round(W / p) * p))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         want = {self._index(i) for i in layers}
         want_attn = {self._index(i) for i in attn_layers}
         t = vit.patch_embed(x)  # (B, h, w, D) with dynamic_img_size

@@ -1,0 +1,69 @@
+"""The ``wsss`` subcommands that turn a trained run into files for what comes next: ``pseudo-labels``
+(a second stage's training labels) and ``export`` (a deployable network). Heavy imports stay inside."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def cmd_pseudo_labels(args, extra: list[str]) -> int:
+    """`wsss pseudo-labels`: a weak run's pseudo labels of a split as palette PNGs (255 uncertain) + JSON."""
+    from wsss.api import load_run
+    from wsss.build import build_dataset
+    from wsss.data.loader import eval_loader
+    from wsss.evaluation.pseudo_export import check_label_outputs, export_pseudo_labels, method_settings
+
+    cfg, method, classes, device, run_dir = load_run(args.target, extra)
+    if not method.has_cams:
+        raise SystemExit(f"wsss pseudo-labels: {cfg.method_name} trains on masks and makes no pseudo labels")
+    if args.crf != "none":
+        from wsss.registry import CRF
+
+        try:
+            CRF.get(args.crf)  # an unknown backend fails here, before any work
+        except KeyError as e:
+            raise SystemExit(f"wsss pseudo-labels: --crf: {e.args[0]}") from None
+    split = args.split or cfg.data.train_split
+    ds = build_dataset(cfg, split, train=False, load_masks=False)
+    out = Path(args.out) if args.out else run_dir / "pseudo_labels" / split
+    earlier = check_label_outputs(ds.items, out, args.overwrite)
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, desc=f"pseudo labels {split}", dynamic_ncols=True)  # noqa: E731
+    meta = {"run": str(run_dir.resolve()), "method": cfg.method_name, "split": split,
+            "method_config": method_settings(cfg.method)}  # fmt: skip
+    loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
+    recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta, earlier)
+    share = sum(r["labelled"] for r in recs) / max(len(recs), 1)
+    print(f"{len(recs)} pseudo labels of split {split} ({100 * share:.1f}% of pixels labelled, 255 elsewhere; "
+          f"CRF {args.crf}) in {out}; train on them with --data.mask_dir {out}")  # fmt: skip
+    return 0
+
+
+def cmd_export(args, extra: list[str]) -> int:
+    """`wsss export`: the run's inference network (seg path) as safetensors, ONNX or TorchScript."""
+    from wsss import export as ex
+    from wsss.api import load_run
+    from wsss.data.io import DataError
+
+    cfg, method, classes, _, run_dir = load_run(args.target, extra, device="cpu")
+    out = Path(args.out) if args.out else run_dir / f"export{ex.SUFFIX[args.format]}"
+    if out.exists() or out.is_symlink():  # never replace a file this command did not just write
+        raise DataError(f"{out}: exists; give another --out or remove it")
+    size = tuple(args.size) if args.size else (cfg.data.crop_size, cfg.data.crop_size)
+    if args.format == "safetensors":
+        ex.export_safetensors(method, cfg, classes, out)
+    elif args.format == "onnx":
+        ex.export_onnx(method, out, size, ex.metadata(cfg, classes))
+    else:
+        any_size = ex.export_torchscript(method, out, size, ex.metadata(cfg, classes))
+    if args.format == "onnx" or (args.format == "torchscript" and any_size):
+        shape = "any batch and image size (checked against PyTorch at a second size)"
+    else:
+        shape = f"ONLY image size {size[0]}x{size[1]} (the trace does not hold at other sizes)"
+    print(f"{out}: {args.format}, RGB (B, 3, H, W) in [0, 1] -> logits (B, {classes.K}, H, W) "
+          f"({', '.join(classes.seg_names)})" + ("" if args.format == "safetensors" else f"; {shape}"))  # fmt: skip
+    return 0
