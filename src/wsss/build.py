@@ -14,8 +14,10 @@ from wsss.data.transforms import EvalTransform, TrainTransform
 from wsss.registry import BACKBONES, DATASETS, METHODS
 
 
-def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool) -> SegDataset:
-    """The dataset of ``split``: training crops (``train``) or whole images."""
+def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool, use_mask_dir: bool = False) -> SegDataset:
+    """The dataset of ``split``: training crops (``train``) or whole images. ``use_mask_dir``: the train
+    split's masks come from ``data.mask_dir`` (the trainer's training set only; evaluation always scores
+    against the dataset's own masks)."""
     d = cfg.data
     if train:
         tf = TrainTransform(d.crop_size, tuple(d.scale_range), d.hflip, d.color_jitter, d.p_gray, d.p_blur)
@@ -25,7 +27,7 @@ def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool) -> 
         builder = DATASETS.get(d.dataset)
     except KeyError as e:
         raise ConfigError(f"config key 'data.dataset': {e.args[0]}") from None
-    if not (d.mask_dir and split == d.train_split):
+    if not (use_mask_dir and d.mask_dir and split == d.train_split):
         return builder(d, split, tf, load_masks)
     ds = builder(d, split, tf, False)  # the dataset's own masks may not exist (tags-only train splits)
     ds.items = masks_from_dir(ds.items, Path(d.mask_dir).expanduser(), ds.classes)

@@ -54,13 +54,23 @@ def cmd_export(args, extra: list[str]) -> int:
     if out.exists() or out.is_symlink():  # never replace a file this command did not just write
         raise DataError(f"{out}: exists; give another --out or remove it")
     size = tuple(args.size) if args.size else (cfg.data.crop_size, cfg.data.crop_size)
+    if min(size) < 1:
+        raise SystemExit(f"wsss export: --size {size[0]} {size[1]}: give a positive height and width")
     if args.format == "safetensors":
         ex.export_safetensors(method, cfg, classes, out)
     elif args.format == "onnx":
-        ex.export_onnx(method, out, size, ex.metadata(cfg, classes))
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401  (torch.onnx's exporter)
+        except ImportError as e:
+            raise SystemExit(f"wsss export: --format onnx needs {e.name}: pip install 'wsss[export]'") from None
+        dynamic = ex.export_onnx(method, out, size, ex.metadata(cfg, classes))
     else:
         any_size = ex.export_torchscript(method, out, size, ex.metadata(cfg, classes))
-    if args.format == "onnx" or (args.format == "torchscript" and any_size):
+    if args.format == "onnx":
+        fixed = [d for d in ("batch", "height", "width") if d not in dynamic]
+        shape = f"dynamic {', '.join(dynamic) or 'nothing'}" + (f"; fixed {', '.join(fixed)}" if fixed else "")
+    elif args.format == "torchscript" and any_size:
         shape = "any batch and image size (checked against PyTorch at a second size)"
     else:
         shape = f"ONLY image size {size[0]}x{size[1]} (the trace does not hold at other sizes)"

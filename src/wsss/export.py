@@ -4,7 +4,8 @@ The exported network is the seg path: RGB images (B, 3, H, W) float in [0, 1] in
 (B, K, H, W) at the input size out; the ImageNet normalisation is inside, so a deployment only scales
 its pixels to [0, 1]. ``safetensors`` holds the weights (no pickle) with the run's config and classes as
 metadata; ``wsss.load(file)`` rebuilds the method from it. ONNX has a dynamic batch and image size
-(the backbone's resize to a patch multiple is part of the graph). TorchScript is traced: checked against
+(the backbone's resize to a patch multiple is part of the graph; it rounds a side of exactly k + 1/2
+patches up where eager PyTorch rounds to even, the one place the two can differ). TorchScript is traced: checked against
 the eager network at a second image size, and marked valid for any size only when it matches there.
 """
 
@@ -74,8 +75,10 @@ def read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
     return state, meta
 
 
-def export_onnx(method, path: Path, size: tuple[int, int], meta: dict[str, str]) -> None:
-    """ONNX (opset 18) of :class:`SegNetwork` with dynamic batch, height and width; ``meta`` as metadata_props."""
+def export_onnx(method, path: Path, size: tuple[int, int], meta: dict[str, str]) -> list[str]:
+    """ONNX (opset 18) of :class:`SegNetwork` with batch, height and width dynamic where the graph allows;
+    ``meta`` as metadata_props. Returns the names of the input dimensions the exporter left dynamic
+    (of ``batch``, ``height``, ``width``): a fixed one accepts only the example's size."""
     import onnx
 
     net = SegNetwork(method)
@@ -89,19 +92,24 @@ def export_onnx(method, path: Path, size: tuple[int, int], meta: dict[str, str])
         for k, v in meta.items():
             model.metadata_props.add(key=k, value=v)
         onnx.save(model, p)
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dynamic.extend(n for n, i in (("batch", 0), ("height", 2), ("width", 3)) if dims[i].dim_param)
 
+    dynamic: list[str] = []
     atomic_write(path, write)
+    return dynamic
 
 
 def export_torchscript(method, path: Path, size: tuple[int, int], meta: dict[str, str]) -> bool:
     """Traced TorchScript of :class:`SegNetwork` at image ``size`` (H, W); ``meta`` as extra files. A trace
-    records one path through the code, so the traced module is compared with the eager one at a second,
-    odd size (within 1e-4): returns whether it holds there (``any_size`` in the extra files); if not, only
-    the traced size is valid."""
+    records one path through the code, so the traced module is compared with the eager one at a second
+    size off the patch grid (within 1e-4): returns whether it holds there (``any_size`` in the extra
+    files); if not, only the traced size is valid."""
     net = SegNetwork(method)
     with torch.no_grad():
         traced = torch.jit.trace(net, torch.rand(2, 3, *size), check_trace=False)
-        other = torch.rand(1, 3, size[0] + 7, size[1] + 5, generator=torch.Generator().manual_seed(0))
+        q = method.backbone.patch_size + 3  # a second size off any patch multiple and half-multiple
+        other = torch.rand(1, 3, size[0] + q, size[1] + q, generator=torch.Generator().manual_seed(0))
         try:
             any_size = bool(torch.allclose(traced(other), net(other), atol=1e-4))
         except RuntimeError:

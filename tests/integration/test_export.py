@@ -39,6 +39,30 @@ def test_best_checkpoint_is_the_best_evaluation_weights_only(run, demo_root):
     assert score == pytest.approx(best["seg_miou"], abs=1e-6)
 
 
+def test_resume_keeps_the_best_score_of_best_pt(demo_root, tmp_path):
+    """last.pt is saved before its iteration's evaluation, so a resumed run must take the best score from
+    best.pt; a sentinel score written there must survive the resume (no later evaluation can beat 2.0)."""
+    from tests.conftest import TINY
+    from wsss.config import load_config
+    from wsss.engine.checkpoint import load_checkpoint, save_checkpoint
+    from wsss.engine.trainer import Trainer
+
+    run = tmp_path / "r"
+    args = ["--data.root", str(demo_root), *TINY, "--train.max_iters", "6", "--method.seg_warmup", "2",
+            "--optim.warmup_iters", "2", "--train.eval_every", "2"]  # fmt: skip
+    assert main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), *args, "--stop-at", "4"]) == 0
+    best = run / "checkpoints" / "best.pt"
+    st = load_checkpoint(best)
+    st["best"] = {"seg_miou": 2.0, "iter": 4}
+    save_checkpoint(best, st)
+    tr = Trainer(load_config(run / "config.yaml"), run, resume=True)
+    assert tr.best == {"seg_miou": 2.0, "iter": 4}
+    tr.fit()
+    assert load_checkpoint(best)["best"] == {"seg_miou": 2.0, "iter": 4}
+    assert main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), *args, "--stop-at", "1"]) == 0
+    assert not best.exists()  # a fresh run in the directory drops the earlier run's best.pt
+
+
 def test_safetensors_export_reloads_to_the_same_predictions(run, demo_root, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
@@ -49,7 +73,7 @@ def test_safetensors_export_reloads_to_the_same_predictions(run, demo_root, tmp_
     assert f"{out}: exists" in capsys.readouterr().err
 
 
-def test_onnx_export_equals_pytorch_at_any_batch_and_size(run, tmp_path):
+def test_onnx_export_equals_pytorch_at_any_batch_and_size(run, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime does not install here: no ONNX parity check")
     pytest.importorskip("onnxscript", reason="onnxscript (torch.onnx's exporter) does not install here")
     from wsss.api import load_run
@@ -57,6 +81,7 @@ def test_onnx_export_equals_pytorch_at_any_batch_and_size(run, tmp_path):
 
     out = tmp_path / "m.onnx"
     assert main(["export", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    assert "dynamic batch, height, width" in capsys.readouterr().out
     net = SegNetwork(load_run(run, device="cpu")[1])
     sess = ort.InferenceSession(str(out))
     meta = sess.get_modelmeta().custom_metadata_map

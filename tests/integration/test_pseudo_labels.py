@@ -55,14 +55,20 @@ def test_exported_labels_equal_the_methods_pseudo_labels(run, labels):
 
 
 def test_mask_dir_replaces_the_train_masks_only(run, labels, demo_root):
-    from wsss.build import build_dataset
+    from wsss.build import build_dataset, build_eval_dataset
     from wsss.config import load_config
 
     cfg = load_config(Path(run) / "config.yaml", ["--data.mask_dir", str(labels)])
-    ds = build_dataset(cfg, "train", train=False, load_masks=True)
+    ds = build_dataset(cfg, "train", train=False, load_masks=True, use_mask_dir=True)
     for i in (0, 3):
         s = ds[i]
         assert np.array_equal(s["mask"].numpy(), np.asarray(Image.open(labels / f"{s['name']}.png")))
+    # evaluation scores against the dataset's own masks, even on the train split
+    gt0 = build_eval_dataset(cfg, "train")[0]
+    assert np.array_equal(
+        gt0["mask"].numpy(), np.asarray(Image.open(demo_root / "SegmentationClass" / f"{gt0['name']}.png"))
+    )
+    assert not np.array_equal(gt0["mask"].numpy(), ds[0]["mask"].numpy())
     val = build_dataset(cfg, "val", train=False, load_masks=True)[0]
     gt = np.asarray(Image.open(demo_root / "SegmentationClass" / f"{val['name']}.png"))
     assert np.array_equal(val["mask"].numpy(), gt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -125,8 +126,8 @@ class Trainer:
         needs_masks = METHODS.get(cfg.method_name).needs_masks  # weak methods never read training masks
         if cfg.data.mask_dir and not needs_masks:
             raise ConfigError(f"config key 'data.mask_dir': {cfg.method_name} trains on tags and never reads "
-                              "masks; train a method on masks with it (fully_supervised, deeplabv3)")  # fmt: skip
-        self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=needs_masks)
+                              "masks; train a method on masks with it (fully_supervised, any method.head)")  # fmt: skip
+        self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=needs_masks, use_mask_dir=True)
         self.classes = self.train_ds.classes
         self.method = build_method(cfg, self.classes).to(self.device)
         self.val_ds = None
@@ -143,6 +144,8 @@ class Trainer:
             self._load(self.run_dir / "checkpoints" / "last.pt")
         elif dist.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # an earlier run's best.pt in this directory would pair its weights with this run's config
+            (self.run_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)
             text = dump_config(cfg)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(text))
             env = env_info(self.method.backbone.weights_source) | {"threads": self.threads, "cpu_budget": cpu_budget()}
@@ -174,7 +177,9 @@ class Trainer:
         """``checkpoints/best.pt`` (weights, classes and the score only: no optimizer) whenever the val seg
         mIoU beats the best so far; runs without val masks have no seg score and no best.pt."""
         miou = (res or {}).get("seg", {}).get("miou")
-        if miou is None or miou <= self.best.get("seg_miou", float("-inf")) or not dist.is_main():
+        if miou is None or not math.isfinite(miou) or miou <= self.best.get("seg_miou", float("-inf")):
+            return
+        if not dist.is_main():
             return
         self.best = {"seg_miou": float(miou), "iter": it}
         state = {"model": self.method.state_dict(), "iter": it, "method": self.cfg.method_name,
@@ -288,6 +293,7 @@ class Trainer:
             bar.close()
         if res is None and end == t.max_iters and self.start_iter >= t.max_iters:
             res = self.evaluate(t.max_iters)  # resumed at the end: the final evaluation had not been written
+            self._save_best(t.max_iters, res)
         if res is not None and end == t.max_iters and dist.is_main():
             atomic_write(self.run_dir / "final_eval.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
         return res
