@@ -43,9 +43,13 @@ def masks_from_dir(items: list, mask_dir: Path, classes: ClassSpec) -> list:
     index = mask_dir / "pseudo_labels.json"
     if index.is_file():
         try:
-            theirs = tuple(json.loads(index.read_text())["classes"])
+            meta = json.loads(index.read_text())
+            theirs, unfinished = tuple(meta["classes"]), [r["name"] for r in meta["images"] if r.get("done") is False]
         except (ValueError, KeyError, TypeError):
             raise DataError(f"{index}: not an index written by wsss pseudo-labels") from None
+        if unfinished:  # the export stopped before these were written (or rewritten)
+            raise DataError(f"{index}: the export that wrote this folder did not finish ({len(unfinished)} images, "
+                            f"e.g. {unfinished[0]}); rerun wsss pseudo-labels with --overwrite")  # fmt: skip
         if theirs != tuple(classes.seg_names):
             raise DataError(f"{index}: labels of classes {', '.join(theirs)}; this dataset's are "
                             f"{', '.join(classes.seg_names)}")  # fmt: skip

@@ -28,13 +28,21 @@ def cmd_pseudo_labels(args, extra: list[str]) -> int:
     ds = build_dataset(cfg, split, train=False, load_masks=False)
     out = Path(args.out) if args.out else run_dir / "pseudo_labels" / split
     earlier = check_label_outputs(ds.items, out, args.overwrite)
+    meta = {"run": str(run_dir.resolve()), "method": cfg.method_name, "split": split,
+            "method_config": method_settings(cfg.method)}  # fmt: skip
+    if earlier:  # one folder, one provenance: the index's settings must describe every label in it
+        import json
+
+        before = json.loads((out / "pseudo_labels.json").read_text())
+        now = json.loads(json.dumps({**meta, "crf": args.crf}))  # tuples as JSON lists, as written
+        if any(before.get(k) != v for k, v in now.items()):
+            raise SystemExit(f"wsss pseudo-labels: {out} holds labels of another run or other settings; "
+                             "give another --out")  # fmt: skip
     progress = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         progress = lambda it: tqdm(it, desc=f"pseudo labels {split}", dynamic_ncols=True)  # noqa: E731
-    meta = {"run": str(run_dir.resolve()), "method": cfg.method_name, "split": split,
-            "method_config": method_settings(cfg.method)}  # fmt: skip
     loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
     recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta, earlier)
     share = sum(r["labelled"] for r in recs) / max(len(recs), 1)

@@ -117,6 +117,15 @@ def test_bad_mask_dirs_are_one_line_errors(run, labels, demo_root, tmp_path, cap
     (other / "pseudo_labels.json").write_text(json.dumps({"classes": ["background", "dog"], "images": []}))
     assert main([*base, "--data.mask_dir", str(other)]) == 2
     assert "labels of classes background, dog; this dataset's are background, boat" in capsys.readouterr().err
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    idx = json.loads((labels / "pseudo_labels.json").read_text())
+    idx["images"][1]["done"] = False  # what an export that stopped before this image leaves
+    (crashed / "pseudo_labels.json").write_text(json.dumps(idx))
+    for f in labels.glob("*.png"):
+        (crashed / f.name).write_bytes(f.read_bytes())
+    assert main([*base, "--data.mask_dir", str(crashed)]) == 2
+    assert "did not finish (1 images, e.g. train_00001); rerun wsss pseudo-labels" in capsys.readouterr().err
     assert main([*base, "--data.mask_dir", str(tmp_path / "nope")]) == 2
     assert "nope: data.mask_dir does not exist" in capsys.readouterr().err
     weak = ["train", "--config", "configs/bench/toco.yaml", *base[3:], "--data.mask_dir", str(labels)]
@@ -135,6 +144,9 @@ def test_export_never_replaces_a_file_it_did_not_write(run, labels, tmp_path, ca
     assert mine.read_bytes() == b"user's" and sorted(p.name for p in out.iterdir()) == ["train_00000.png"]
     before = (labels / "train_00001.png").read_bytes()
     assert main(["pseudo-labels", str(run), "--out", str(labels), "--overwrite"]) == 0  # its own earlier files
+    assert (labels / "train_00001.png").read_bytes() == before
+    with pytest.raises(SystemExit, match="holds labels of another run or other settings"):
+        main(["pseudo-labels", str(run), "--out", str(labels), "--overwrite", "--method.high_thre", "0.8"])
     assert (labels / "train_00001.png").read_bytes() == before
     with pytest.raises(SystemExit, match="--crf: unknown crf backend 'nope'; known: dense, torch"):
         main(["pseudo-labels", str(run), "--out", str(tmp_path / "c"), "--crf", "nope"])
