@@ -223,3 +223,14 @@ def test_deeplabv3_head_on_resnet50_is_torchvisions_deeplabv3():
     x = torch.randn(1, 3, 72, 88)
     with torch.no_grad():
         np.testing.assert_allclose(ours.predict_seg(x).numpy(), tv(x)["out"].numpy(), atol=1e-4)
+
+
+def test_deeplabv3_with_one_image_per_step_is_a_config_error():
+    from wsss.config import ConfigError, load_config
+
+    args = ["--model.backbone", "resnet50", "--model.weights", "none", "--method.head", "deeplabv3"]
+    load_config("configs/bench/fully_supervised.yaml", [*args, "--train.batch_size", "2"])
+    with pytest.raises(ConfigError, match="deeplabv3's BatchNorm needs at least 2 images per step"):
+        load_config(
+            "configs/bench/fully_supervised.yaml", [*args, "--train.batch_size", "2", "--train.micro_batch", "1"]
+        )

@@ -38,6 +38,18 @@ class FullySupervised(Method):
             if self.head not in SEG_HEADS:
                 raise ConfigError(f"config key 'method.head' must be one of {', '.join(SEG_HEADS)}, got {self.head!r}")
 
+    @classmethod
+    def validate(cls, run_cfg) -> None:
+        """DeepLabV3's ASPP image pooling normalises a 1 x 1 map with BatchNorm: it needs at least 2
+        images per process and step (a micro-batch of 1 fails inside torch with a traceback)."""
+        from wsss.config import ConfigError
+
+        t = run_cfg.train
+        if run_cfg.method.head == "deeplabv3" and (t.micro_batch or t.batch_size) < 2:
+            raise ConfigError("config key 'method.head': deeplabv3's BatchNorm needs at least 2 images per "
+                              f"step and process (train.batch_size {t.batch_size}, "
+                              f"micro_batch {t.micro_batch})")  # fmt: skip
+
     def __init__(self, cfg: Config, classes, backbone, model_cfg) -> None:
         super().__init__(cfg, classes, backbone, model_cfg)
         self.seg_head = seg_head(cfg.head, backbone.embed_dim, model_cfg.seg_hidden, classes.K)
