@@ -32,3 +32,16 @@ def demo_root(tmp_path_factory):
 def tiny_args(demo_root):
     """Overrides that point a demo recipe at the tiny data and model."""
     return ["--data.root", str(demo_root), *TINY]
+
+
+@pytest.fixture(scope="session")
+def tiny_toco_run(tmp_path_factory, demo_root):
+    """A 4-iteration run of the bench toco recipe (tiny model, seg head from iteration 2) on the tiny demo
+    data; tests read it and write their outputs elsewhere."""
+    from wsss.cli import main
+
+    run = tmp_path_factory.mktemp("toco") / "run"
+    rc = main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), "--data.root", str(demo_root),
+               *TINY, "--train.max_iters", "4", "--method.seg_warmup", "2", "--optim.warmup_iters", "2"])  # fmt: skip
+    assert rc == 0
+    return run

@@ -38,10 +38,8 @@ def load_run(target: str | Path, overrides: list[str] | tuple[str, ...] = (), de
 
     ``overrides`` are ``--key value`` strings applied over the run's ``config.yaml`` (e.g. ``--eval.flip
     true``). The checkpoint holds every weight, so no pretrained file is read."""
-    from wsss.build import build_method
     from wsss.config import load_config
     from wsss.engine.checkpoint import load_checkpoint
-    from wsss.engine.trainer import pick_device
 
     p = Path(target)
     if not p.exists():
@@ -58,33 +56,36 @@ def load_run(target: str | Path, overrides: list[str] | tuple[str, ...] = (), de
     cfg = load_config(cfg_path, ["--model.weights", "none", *overrides])
     st = load_checkpoint(ckpt)
     classes = ClassSpec(tuple(st["classes"]), background=bool(st["background"]))
-    dev = pick_device(device or cfg.train.device)
-    method = build_method(cfg, classes)
-    method.load_state_dict(st["model"])
-    method.to(dev).eval()
+    method, dev = _instantiate(cfg, classes, st["model"], device)
     return cfg, method, classes, dev, run_dir
 
 
-def _load_export(path: Path, overrides, device):
-    """load_run for a ``wsss export --format safetensors`` file: config, classes and weights all inside."""
-    import tempfile
-
+def _instantiate(cfg, classes: ClassSpec, state: dict, device: str | None):
+    """(method in eval mode on its device, device) built from ``cfg`` with the weights ``state``."""
     from wsss.build import build_method
-    from wsss.config import load_config
     from wsss.engine.trainer import pick_device
-    from wsss.export import read_safetensors
 
-    state, meta = read_safetensors(path)
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.yaml").write_text(meta["config"])
-        cfg = load_config(Path(d) / "config.yaml", ["--model.weights", "none", *overrides])
-    import json
-
-    classes = ClassSpec(tuple(json.loads(meta["classes"])), background=bool(json.loads(meta["background"])))
     method = build_method(cfg, classes)
     method.load_state_dict(state)
     dev = pick_device(device or cfg.train.device)
     method.to(dev).eval()
+    return method, dev
+
+
+def _load_export(path: Path, overrides, device):
+    """load_run for a ``wsss export --format safetensors`` file: config, classes and weights all inside."""
+    import json
+    import tempfile
+
+    from wsss.config import load_config
+    from wsss.export import read_safetensors
+
+    state, meta = read_safetensors(path)
+    with tempfile.TemporaryDirectory() as d:  # load_config reads files (a recipe's _base_ is relative to one)
+        (Path(d) / "config.yaml").write_text(meta["config"])
+        cfg = load_config(Path(d) / "config.yaml", ["--model.weights", "none", *overrides])
+    classes = ClassSpec(tuple(json.loads(meta["classes"])), background=bool(json.loads(meta["background"])))
+    method, dev = _instantiate(cfg, classes, state, device)
     return cfg, method, classes, dev, path.parent
 
 

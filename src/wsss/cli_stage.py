@@ -33,9 +33,8 @@ def cmd_pseudo_labels(args, extra: list[str]) -> int:
     if earlier:  # one folder, one provenance: the index's settings must describe every label in it
         import json
 
-        before = json.loads((out / "pseudo_labels.json").read_text())
         now = json.loads(json.dumps({**meta, "crf": args.crf}))  # tuples as JSON lists, as written
-        if any(before.get(k) != v for k, v in now.items()):
+        if any(earlier.get(k) != v for k, v in now.items()):
             raise SystemExit(f"wsss pseudo-labels: {out} holds labels of another run or other settings; "
                              "give another --out")  # fmt: skip
     progress = None
@@ -44,7 +43,8 @@ def cmd_pseudo_labels(args, extra: list[str]) -> int:
 
         progress = lambda it: tqdm(it, desc=f"pseudo labels {split}", dynamic_ncols=True)  # noqa: E731
     loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
-    recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta, earlier)
+    recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta,
+                                earlier.get("images", []))  # fmt: skip
     share = sum(r["labelled"] for r in recs) / max(len(recs), 1)
     print(f"{len(recs)} pseudo labels of split {split} ({100 * share:.1f}% of pixels labelled, 255 elsewhere; "
           f"CRF {args.crf}) in {out}; train on them with --data.mask_dir {out}")  # fmt: skip

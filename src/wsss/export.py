@@ -19,7 +19,6 @@ import torch.nn as nn
 
 from wsss.data.io import atomic_write
 
-FORMATS = ("safetensors", "onnx", "torchscript")
 SUFFIX = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 
 

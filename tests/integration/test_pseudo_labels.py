@@ -13,14 +13,8 @@ from wsss.cli import main
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, demo_root):
-    from tests.conftest import TINY
-
-    run = tmp_path_factory.mktemp("pl") / "run"
-    rc = main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), "--data.root", str(demo_root),
-               *TINY, "--train.max_iters", "4", "--method.seg_warmup", "2", "--optim.warmup_iters", "2"])  # fmt: skip
-    assert rc == 0
-    return run
+def run(tiny_toco_run):
+    return tiny_toco_run
 
 
 @pytest.fixture(scope="module")

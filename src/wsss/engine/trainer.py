@@ -182,9 +182,8 @@ class Trainer:
         if not dist.is_main():
             return
         self.best = {"seg_miou": float(miou), "iter": it}
-        state = {"model": self.method.state_dict(), "iter": it, "method": self.cfg.method_name,
-                 "classes": list(self.classes.names), "background": self.classes.background,
-                 "best": dict(self.best)}  # fmt: skip
+        resume_only = ("optimizer", "scaler", "rng")
+        state = {k: v for k, v in self._state(it).items() if k not in resume_only}
         save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
         log.info("best.pt: seg mIoU %.2f at iteration %d", 100 * miou, it)
 

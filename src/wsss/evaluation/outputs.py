@@ -16,7 +16,7 @@ from wsss.data.io import DataError, atomic_write
 
 
 def guard_outputs(out_dir: Path, planned: dict[str, list[str]], inputs: set[Path], index_name: str,
-                  overwrite: bool, command: str) -> list[dict]:  # fmt: skip
+                  overwrite: bool, command: str) -> dict:  # fmt: skip
     """Raise DataError, before any work, when a planned file would replace an input, a file that exists
     and is not ours, or a file planned for another image.
 
@@ -28,15 +28,15 @@ def guard_outputs(out_dir: Path, planned: dict[str, list[str]], inputs: set[Path
         overwrite: files listed in an earlier index of ``command`` in ``out_dir`` may be replaced.
         command: the command's name, for the messages.
     Returns:
-        The earlier index's per-image records (empty without ``overwrite`` or an earlier index).
+        The earlier index (its settings and ``images`` records; empty without ``overwrite`` or an index).
     """
     index = out_dir / index_name
-    earlier: list[dict] = []
+    earlier: dict = {}
     ours: set[str] = set()
     if overwrite and index.is_file():
         try:
-            earlier = list(json.loads(index.read_text())["images"])
-            ours = {f for im in earlier for f in im["outputs"]} | {index_name}
+            earlier = json.loads(index.read_text())
+            ours = {f for im in earlier["images"] for f in im["outputs"]} | {index_name}
         except (ValueError, KeyError, TypeError):
             raise DataError(f"{index}: not an index written by {command}; give another --out") from None
     owner: dict[str, str] = {}

@@ -65,13 +65,18 @@ def output_files(name: str, opts: PredictOptions) -> list[str]:
     return files + ([f"{name}_cams.npy"] if opts.save_cams else [])
 
 
+def planned_outputs(items: list[Item], opts: PredictOptions) -> dict[str, list[str]]:
+    """Image name -> the files :func:`output_files` gives it."""
+    return {Path(it.name).name: output_files(Path(it.name).name, opts) for it in items}
+
+
 def check_outputs(items: list[Item], out_dir: Path, opts: PredictOptions) -> list[dict]:
     """Raise DataError before any work when an output would replace an input image, or a file this
     command did not write (:func:`wsss.evaluation.outputs.guard_outputs`). Returns the earlier index's
     records (kept in the new index for the images this run does not predict)."""
-    planned = {Path(it.name).name: output_files(Path(it.name).name, opts) for it in items}
     inputs = {it.image.resolve() for it in items}
-    return guard_outputs(out_dir, planned, inputs, INDEX, opts.overwrite, "wsss predict")
+    return guard_outputs(out_dir, planned_outputs(items, opts), inputs, INDEX, opts.overwrite,
+                         "wsss predict").get("images", [])  # fmt: skip
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:
@@ -102,9 +107,7 @@ def write_predictions(method, loader, classes: ClassSpec, ecfg, device, out_dir:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {**(meta or {}), "classes": list(classes.seg_names)}
-    items = loader.dataset.items
-    write_index(out_dir / INDEX, meta, planned_records({Path(it.name).name: output_files(Path(it.name).name, opts)
-                                                        for it in items}), earlier)  # fmt: skip
+    write_index(out_dir / INDEX, meta, planned_records(planned_outputs(loader.dataset.items, opts)), earlier)
     was_training = method.training
     method.eval()
     records = []

@@ -65,9 +65,9 @@ def planned_files(items) -> dict[str, list[str]]:
     return {Path(it.name).name: [f"{Path(it.name).name}.png"] for it in items}
 
 
-def check_label_outputs(items, out_dir: Path, overwrite: bool) -> list[dict]:
+def check_label_outputs(items, out_dir: Path, overwrite: bool) -> dict:
     """:func:`wsss.evaluation.outputs.guard_outputs` for the label files of ``items``; returns the earlier
-    index's records."""
+    index (settings and ``images`` records; empty when there is none)."""
     inputs = {it.image.resolve() for it in items} | {it.mask.resolve() for it in items if it.mask is not None}
     return guard_outputs(out_dir, planned_files(items), inputs, INDEX, overwrite, "wsss pseudo-labels")
 
