@@ -158,13 +158,15 @@ def cmd_prepare(args, extra: list[str]) -> int:
     """`wsss prepare voc|coco`: one-off conversion of a dataset root."""
     from wsss.data import prepare
 
-    counts = prepare.prepare_voc(args.root) if args.dataset == "voc" else prepare.prepare_coco(args.root)
+    if args.sbd and args.dataset != "voc":
+        raise SystemExit("wsss: error: --sbd belongs to `wsss prepare voc`")
+    counts = prepare.prepare_voc(args.root, args.sbd) if args.dataset == "voc" else prepare.prepare_coco(args.root)
     print(json.dumps(counts))
     return 0
 
 
 def cmd_list(args, extra: list[str]) -> int:
-    """`wsss list`: registered methods, datasets or backbones."""
+    """`wsss list`: registered methods, modules, datasets or backbones, or the packaged recipes."""
     from wsss.registry import BACKBONES, DATASETS, METHODS, MODULES
 
     if args.what == "backbones":
@@ -187,6 +189,14 @@ def cmd_list(args, extra: list[str]) -> int:
         print(rows(["vit_*", "deit_*"]))
         print("timm CNNs usable as model.backbone (arch cnn; output stride via model.output_stride):")
         print(rows(["resnet*", "wide_resnet*", "resnext*"]))
+        return 0
+    if args.what == "recipes":
+        from wsss.recipes import describe, recipe_dir, recipe_names
+
+        names = recipe_names()
+        width = max(len(n) for n in names)
+        print(f"packaged recipes (--config NAME; files in {recipe_dir()}):")
+        print("\n".join(f"{n:<{width}}  {describe(n)}" for n in names))
         return 0
     if args.what == "modules":
         from wsss.methods.pipeline import describe_modules
@@ -245,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a method (dotted overrides such as --train.max_iters 100 follow)")
-    t.add_argument("--config", help="recipe YAML (configs/<method>/<dataset>_<backbone>.yaml)")
+    t.add_argument("--config", help="recipe: a YAML file, or a packaged recipe's name (demo/toco; wsss list recipes)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     t.add_argument("--run-dir", help="output directory (default: train.out_dir/<method>-<dataset>-<time>)")
     t.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
@@ -305,14 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
         dm.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     dc = dsub.add_parser("check", help="report every problem of a dataset root")
     dc.add_argument("root")
-    dc.add_argument("--dataset", default="auto", choices=["auto", "voc", "folder"])
+    dc.add_argument("--dataset", default="auto", choices=["auto", "voc", "coco", "folder"])
     d.set_defaults(fn=cmd_data)
     pr = sub.add_parser("prepare", help="one-off dataset conversion")
     pr.add_argument("dataset", choices=["voc", "coco"])
     pr.add_argument("root")
+    pr.add_argument("--sbd", metavar="DIR", help="voc: SBD's benchmark_RELEASE, to build SegmentationClassAug")
     pr.set_defaults(fn=cmd_prepare)
-    ls = sub.add_parser("list", help="list registered methods, datasets or backbones")
-    ls.add_argument("what", choices=["methods", "modules", "datasets", "backbones"])
+    ls = sub.add_parser("list", help="list registered methods, modules, datasets, backbones or packaged recipes")
+    ls.add_argument("what", choices=["methods", "modules", "datasets", "backbones", "recipes"])
     ls.set_defaults(fn=cmd_list)
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)

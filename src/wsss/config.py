@@ -213,10 +213,16 @@ def _extends(name: str, base_name: str) -> bool:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe; a ``_base_`` key (path relative to the file) is loaded first and merged under it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    """Read a recipe (a file, or a packaged recipe's name such as ``bench/toco``: see ``wsss.recipes``); a
+    ``_base_`` key (path relative to the file) is loaded first and merged under it."""
+    from wsss.recipes import close_names, find_recipe
+
+    found = find_recipe(path)
+    if found is None:
+        near = close_names(path)
+        hint = f"; packaged recipes like it: {', '.join(near)}" if near else "; `wsss list recipes` lists the packaged"
+        raise ConfigError(f"{path}: config file not found (neither a file nor a packaged recipe){hint}")
+    path = found
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -1,11 +1,11 @@
 """``make demo`` / ``python -m wsss.demo``: the main job on the built-in demo data.
 
-Generates the demo data (once), trains the ``toco`` bench recipe (``configs/bench/toco.yaml``) and the
-``fully_supervised`` upper bound with the same backbone, crop and, to stay within 10 minutes on a
-2-core CPU, the same 350-iteration schedule (the benchmark's reference trains longer, to convergence:
-docs/benchmarks.md), evaluates both on the val split and prints CAM, pseudo-label and seg mIoU with the
-ratio to the fully supervised seg mIoU, next to the trivial all-background score. Everything lands in
-``runs/demo/`` (summary.json included).
+Generates the demo data (once), trains the ``toco`` bench recipe (the packaged ``demo/toco``, which is
+``configs/bench/toco.yaml``) and the ``fully_supervised`` upper bound with the same backbone, crop
+and, to stay within 10 minutes on a 2-core CPU, the same 350-iteration schedule (the benchmark's
+reference trains longer, to convergence: docs/benchmarks.md), evaluates both on the val split and
+prints CAM, pseudo-label and seg mIoU with the ratio to the fully supervised seg mIoU, next to the
+trivial all-background score. Everything lands in ``runs/demo/`` (summary.json included).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from wsss.config import drop_section, load_config
 from wsss.data.io import atomic_write, read_mask
 from wsss.engine.trainer import Trainer
+from wsss.recipes import recipe_dir
 
 log = logging.getLogger("wsss")
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m wsss.demo", description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/demo")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--configs", default="configs/bench")
+    p.add_argument("--configs", default=str(recipe_dir() / "demo"), help="folder of toco.yaml, fully_supervised.yaml")
     args, overrides = p.parse_known_args(argv)  # the rest: dotted overrides for both runs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     data = Path(args.data)

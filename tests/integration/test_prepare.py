@@ -72,3 +72,102 @@ def test_prepare_voc_builds_train_aug_and_labels(tmp_path):
     assert (sets / "train_aug.txt").read_text().split() == ["s1", "t1"]
     labels = json.loads((root / "cls_labels.json").read_text())
     assert labels == {"s1": ["aeroplane"], "t1": ["cat"], "v1": ["person"]}
+
+
+def _voc_with_sbd(tmp_path):
+    """A VOC root (images a, b, c, v; VOC masks for b and v; val = v) and an SBD folder (masks a, b, c)."""
+    from scipy.io import savemat
+
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "val.txt").write_text("v\n")
+    (sets / "train.txt").write_text("b\n")
+    (root / "JPEGImages").mkdir()
+    for n in "abcv":
+        Image.new("RGB", (5, 4)).save(root / "JPEGImages" / f"{n}.jpg")
+    pal = voc_palette().flatten().tolist()
+    voc_b = np.array([[255, 255, 0, 0, 0], [15, 15, 0, 0, 0], [15, 15, 0, 0, 0], [0, 0, 0, 0, 0]], np.uint8)
+    write_mask(root / "SegmentationClass" / "b.png", voc_b, pal)
+    write_mask(root / "SegmentationClass" / "v.png", np.full((4, 5), 12, np.uint8), pal)
+    cls = tmp_path / "benchmark_RELEASE" / "dataset" / "cls"
+    cls.mkdir(parents=True)
+    sbd = {"a": np.arange(20, dtype=np.uint8).reshape(4, 5) + 1, "b": np.full((4, 5), 3, np.uint8),
+           "c": np.zeros((4, 5), np.uint8)}  # fmt: skip
+    sbd["c"][0, 0] = 20
+    for n, seg in sbd.items():
+        gt = {"Segmentation": seg, "Boundaries": np.zeros((1,), object), "CategoriesPresent": np.unique(seg)}
+        savemat(cls / f"{n}.mat", {"GTcls": gt})
+    return root, tmp_path / "benchmark_RELEASE", sbd, voc_b
+
+
+def test_prepare_voc_converts_sbd_mats_into_segmentation_class_aug(tmp_path, capsys, caplog):
+    root, sbd_dir, sbd, voc_b = _voc_with_sbd(tmp_path)
+    aug = root / "SegmentationClassAug"
+    aug.mkdir()
+    users = np.full((4, 5), 7, np.uint8)  # a mask already there is the user's: kept byte for byte
+    write_mask(aug / "c.png", users, voc_palette().flatten().tolist())
+    before = (aug / "c.png").read_bytes()
+    assert main(["prepare", "voc", str(root.parent), "--sbd", str(sbd_dir)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["converted"] == {"sbd": 1, "voc": 2, "kept": 1, "missing_images": 0}
+    assert np.array_equal(read_mask(aug / "a.png"), sbd["a"])  # all 21 class indices survive the PNG
+    assert np.array_equal(read_mask(aug / "b.png"), voc_b)  # VOC's own mask (void border) wins over SBD's
+    assert np.array_equal(read_mask(aug / "v.png"), np.full((4, 5), 12, np.uint8))
+    assert (aug / "c.png").read_bytes() == before
+    assert out["train_aug"] == 3 and out["val"] == 1
+    assert (root / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split() == ["a", "b", "c"]
+    labels = json.loads((root / "cls_labels.json").read_text())
+    assert labels["b"] == ["person"] and labels["c"] == ["car"] and labels["v"] == ["dog"]
+    assert len(labels["a"]) == 20
+    assert "10582 expected" in caplog.text and "1449 in VOC 2012 val" in caplog.text
+    # the dataset then builds its train_aug split from the converted masks
+    assert main(["data", "check", str(root)]) == 0
+
+
+def _errors(capsys) -> list[str]:
+    """stderr's lines less the progress bar's; a traceback fails the test."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return [ln for ln in err.strip().splitlines() if "it/s]" not in ln and "s/it]" not in ln]
+
+
+def test_prepare_voc_sbd_errors_are_one_line(tmp_path, capsys):
+    from scipy.io import savemat
+
+    root, sbd_dir, _, _ = _voc_with_sbd(tmp_path)
+    bad = sbd_dir / "dataset" / "cls" / "d.mat"
+    savemat(bad, {"GTcls": {"Segmentation": np.full((4, 5), 30, np.uint8)}})
+    Image.new("RGB", (5, 4)).save(root / "JPEGImages" / "d.jpg")
+    assert main(["prepare", "voc", str(root), "--sbd", str(sbd_dir)]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and str(bad) in err[0] and "classes 0..20" in err[0] and "30..30" in err[0]
+    (sbd_dir / "dataset" / "cls" / "e.mat").write_bytes(b"not a mat file")
+    bad.unlink()
+    assert main(["prepare", "voc", str(root), "--sbd", str(sbd_dir)]) == 2
+    err = _errors(capsys)
+    assert len(err) == 1 and "e.mat: not an SBD class mask" in err[0]
+    assert main(["prepare", "voc", str(root), "--sbd", str(tmp_path / "nowhere")]) == 2
+    assert "no SBD cls/ folder" in capsys.readouterr().err
+
+
+def test_data_check_reads_a_coco_root_with_coco_classes(tmp_path, capsys):
+    """The layout `wsss prepare coco` writes: images under train2014/ and val2014/, COCO's 80 classes."""
+    root = tmp_path / "coco"
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    names = {"train": "COCO_train2014_000000000009", "val": "COCO_val2014_000000000042"}
+    for split, n in names.items():
+        (root / f"{split}2014").mkdir()
+        Image.new("RGB", (6, 4)).save(root / f"{split}2014" / f"{n}.jpg")
+        (sets / f"{split}.txt").write_text(n + "\n")
+        write_mask(root / "SegmentationClass" / f"{n}.png", np.full((4, 6), 24, np.uint8),
+                   voc_palette().flatten().tolist())  # fmt: skip
+    (root / "cls_labels.json").write_text(json.dumps({names["train"]: ["giraffe"], names["val"]: ["toothbrush"]}))
+    assert main(["data", "check", str(root)]) == 0
+    assert capsys.readouterr().out.strip().endswith("0 errors, 0 warnings")
+    (root / "cls_labels.json").write_text(json.dumps({names["train"]: ["giraffe"], names["val"]: ["aeroplane"]}))
+    (root / "val2014" / f"{names['val']}.jpg").unlink()
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "unknown tag 'aeroplane'" in out and f"val2014/{names['val']}.jpg" in out and "giraffe" not in out

@@ -31,10 +31,12 @@ MULTI_SCALE = (1.0, 0.5, 1.5)
 
 
 def default_configs() -> list[str]:
-    """Every recipe in ``configs/bench`` (the reference first excluded: it has no CAM pipeline to time)."""
-    paths = sorted(Path("configs/bench").glob("*.yaml"))
+    """Every packaged ``bench/`` recipe, toco first (the reference excluded: it has no CAM pipeline to time)."""
+    from wsss.recipes import recipe_dir
+
+    paths = sorted((recipe_dir() / "bench").glob("*.yaml"))
     if not paths:
-        raise ConfigError("bench speed: no --config given and no configs/bench/*.yaml here")
+        raise ConfigError(f"bench speed: no --config given and no recipes in {recipe_dir() / 'bench'}")
     first = [p for p in paths if p.stem == "toco"]  # the baseline the ratios are taken to, when present
     return [str(p) for p in first + [p for p in paths if p not in first and not p.stem.startswith("_")]]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss.data.classes import ClassSpec
+from wsss.data.classes import COCO, VOC, ClassSpec
 from wsss.data.io import DataError, inspect_image, read_mask
-from wsss.data.voc import classes_for_root, mask_dir, read_cls_labels, voc_root
+from wsss.data.voc import classes_for_root, coco_image_dir, is_coco_root, mask_dir, read_cls_labels, voc_root
 
 
 def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
@@ -29,21 +29,25 @@ def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> lis
 
 
 def check_root(root: str | Path, dataset: str = "auto") -> list[tuple[str, str]]:
-    """(severity, message) for every problem found under ``root`` (VOC layout or tagged folder)."""
+    """(severity, message) for every problem found under ``root``: VOC layout (classes.txt or VOC's classes),
+    COCO 2014 as written by ``wsss prepare coco`` (images in train2014/ and val2014/, COCO's 80 classes) or
+    a tagged folder; ``dataset`` auto picks by the files present."""
     root = Path(root)
     if not root.is_dir():
         return [("error", f"{root}: data root does not exist")]
     root = voc_root(root)
     if dataset == "auto":
-        dataset = "folder" if (root / "tags.csv").is_file() else "voc"
+        dataset = "folder" if (root / "tags.csv").is_file() else "coco" if is_coco_root(root) else "voc"
     if dataset == "folder":
         return _check_folder(root)
+    coco = dataset == "coco"
+    image_dir = coco_image_dir(root) if coco else lambda _n: root / "JPEGImages"
     problems: list[tuple[str, str]] = []
     try:
         labels = read_cls_labels(root)
     except DataError as e:
         return [("error", str(e))]
-    classes = classes_for_root(root)
+    classes = classes_for_root(root, COCO if coco else VOC)
     lists = sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))
     if not lists:
         problems.append(("error", f"{root / 'ImageSets' / 'Segmentation'}: no split lists"))
@@ -51,7 +55,7 @@ def check_root(root: str | Path, dataset: str = "auto") -> list[tuple[str, str]]
     md = mask_dir(root)
     items = []
     for n in names:
-        img = root / "JPEGImages" / f"{n}.jpg"
+        img = image_dir(n) / f"{n}.jpg"
         if n not in labels:
             problems.append(("error", f"{img}: no image-level labels in cls_labels.json"))
             continue

@@ -25,30 +25,41 @@ def _progress(it, total: int, desc: str):
         return it
 
 
-def prepare_voc(root: str | Path) -> dict:
+VOC_VAL, VOC_TRAIN_AUG = 1449, 10582  # the standard split sizes (VOC 2012 val; VOC + SBD train minus val)
+
+
+def prepare_voc(root: str | Path, sbd: str | Path | None = None) -> dict:
     """Write ImageSets/Segmentation/train_aug.txt (masks in SegmentationClassAug minus val) and
-    cls_labels.json (tags from the masks). Returns counts per split."""
+    cls_labels.json (tags from the masks); with ``sbd`` (SBD's benchmark_RELEASE folder) first build
+    SegmentationClassAug from SBD's cls/*.mat and VOC's masks (``wsss.data.sbd``). Returns counts per split."""
     root = voc_root(Path(root))
     seg_sets = root / "ImageSets" / "Segmentation"
     if not (seg_sets / "val.txt").is_file():
         raise DataError(f"{seg_sets / 'val.txt'}: not found; is {root} a VOCdevkit/VOC2012 folder?")
     val = [ln.strip() for ln in (seg_sets / "val.txt").read_text().splitlines() if ln.strip()]
+    counts: dict = {}
+    if sbd is not None:
+        from wsss.data.sbd import convert_sbd
+
+        counts["converted"] = convert_sbd(root, Path(sbd), _progress)
+    if len(val) != VOC_VAL:
+        log.warning("%s lists %d images (%d in VOC 2012 val)", seg_sets / "val.txt", len(val), VOC_VAL)
     md = mask_dir(root)
     if not md.is_dir():
         raise DataError(f"{md}: no masks folder (SegmentationClassAug or SegmentationClass)")
     val_set = set(val)
-    counts = {"val": len(val)}
+    counts["val"] = len(val)
     if md.name == "SegmentationClassAug":
         train_aug = sorted(p.stem for p in md.glob("*.png") if p.stem not in val_set)
-        (seg_sets / "train_aug.txt").write_text("\n".join(train_aug) + "\n")
+        atomic_write(seg_sets / "train_aug.txt", lambda p: Path(p).write_text("\n".join(train_aug) + "\n"))
         counts["train_aug"] = len(train_aug)
-        if len(train_aug) != 10582:
-            log.warning("train_aug has %d images (10,582 expected with the full SBD augmentation)", len(train_aug))
+        if len(train_aug) != VOC_TRAIN_AUG:
+            log.warning("train_aug has %d images (%d expected with the full SBD augmentation)", len(train_aug),
+                        VOC_TRAIN_AUG)  # fmt: skip
     else:
-        log.warning(
-            "%s missing: only the 1,464 VOC train masks; train_aug needs SBD's SegmentationClassAug",
-            root / "SegmentationClassAug",
-        )
+        log.warning("%s missing: only the 1,464 VOC train masks; for train_aug run `wsss prepare voc %s --sbd "
+                    "benchmark_RELEASE` (SBD's benchmark.tgz, see the README)", root / "SegmentationClassAug",
+                    root)  # fmt: skip
     names = sorted({ln.strip() for p in seg_sets.glob("*.txt") for ln in p.read_text().splitlines() if ln.strip()})
     labels = {}
     for n in _progress(names, len(names), "image-level labels"):

@@ -85,7 +85,16 @@ def _build(name: str, default: ClassSpec, image_dir_fn=None):
     return build
 
 
-def _coco_image_dir(root: Path):
+def is_coco_root(root: Path) -> bool:
+    """A COCO 2014 root: its train2014/ or val2014/ image folders or instance annotations are there."""
+    return any((root / d).is_dir() for d in ("train2014", "val2014")) or any(
+        (root / "annotations" / f"instances_{s}2014.json").is_file() for s in ("train", "val")
+    )
+
+
+def coco_image_dir(root: Path):
+    """name -> the folder of its image: COCO_train2014_... in train2014/, COCO_val2014_... in val2014/."""
+
     def fn(name: str) -> Path:
         # COCO_train2014_000000000009 lives in train2014/
         part = name.split("_")[1] if name.startswith("COCO_") else "JPEGImages"
@@ -96,4 +105,4 @@ def _coco_image_dir(root: Path):
 
 DATASETS.register("voc")(_build("voc", VOC))
 DATASETS.register("demo")(_build("demo", VOC))
-DATASETS.register("coco")(_build("coco", COCO, _coco_image_dir))
+DATASETS.register("coco")(_build("coco", COCO, coco_image_dir))
