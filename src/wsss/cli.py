@@ -106,6 +106,8 @@ def cmd_predict(args, extra: list[str]) -> int:
     pairs, more_inputs = split_overrides(extra)
     args.inputs += more_inputs
     cfg, method, classes, device, run_dir = load_run(args.target, [f"--{k}={v}" for k, v in pairs])
+    if args.sliding and not cfg.eval.window:  # the training crop's side, unless --eval.window names one
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, window=cfg.data.crop_size))
     if bool(args.inputs) == bool(args.split):
         raise SystemExit("wsss predict: give image files/directories or --split, not both or neither")
     if args.split:
@@ -127,7 +129,8 @@ def cmd_predict(args, extra: list[str]) -> int:
 
         progress = lambda it: tqdm(it, desc="predict", dynamic_ncols=True)  # noqa: E731
     meta = {"run": str(run_dir), "method": cfg.method_name, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
-            "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "max_side": opts.max_side}  # fmt: skip
+            "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "max_side": opts.max_side, "window": cfg.eval.window,
+            "overlap": cfg.eval.overlap}  # fmt: skip
     recs = write_predictions(method, eval_loader(ds, 1, 0, 1, cfg.data.num_workers), classes, cfg.eval, device,
                              out, progress, opts, meta, earlier)  # fmt: skip
     print(f"{len(recs)} masks ({', '.join(classes.seg_names)}; scales {list(cfg.eval.scales)}, CRF {cfg.eval.crf}) "
@@ -288,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--save-cams", action="store_true", help="also NAME_cams.npy: (C, H, W) float16 CAMs")
     pp.add_argument("--max-side", type=int, default=0, metavar="PX",
                     help="predict large images downscaled to this longer side; masks stay at full size")  # fmt: skip
+    pp.add_argument("--sliding", action="store_true", help="predict in overlapping windows of the training crop's "
+                    "size (eval.window; --eval.window PX for another side, --eval.overlap the fraction)")  # fmt: skip
     pp.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier predict into --out")
     pp.set_defaults(fn=cmd_predict)
     pl = sub.add_parser("pseudo-labels", help="write a weak run's pseudo labels of a split (--method.* overrides "

@@ -114,10 +114,15 @@ class EvalConfig:
     batch_size: int = 1
     split: str = ""  # empty: data.val_split
     crf: str = "none"  # dense CRF on the seg probabilities: none | dense ([crf] extra) | torch (same CRF in torch)
+    # seg logits from windows of this side in px (0: the whole image at once), overlapping by this fraction
+    window: int = 0
+    overlap: float = 1 / 3
 
     def __post_init__(self) -> None:
         if self.reduce not in ("mean", "max"):
             raise ConfigError(f"config key 'eval.reduce' must be mean or max, got {self.reduce!r}")
+        if self.window < 0 or not 0 <= self.overlap < 1:
+            raise ConfigError(f"eval.window must be >= 0 and eval.overlap in [0, 1), got {self.window}, {self.overlap}")
 
 
 @dataclass(frozen=True)

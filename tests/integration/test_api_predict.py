@@ -162,3 +162,30 @@ def test_readme_python_example_runs(run, demo_root, capsys):
     exec(code.replace('"runs/my_run"', repr(str(run))).replace('"photo.jpg"', repr(str(img))), {})
     pred = wsss.load(run).predict(img)
     assert capsys.readouterr().out == f"{pred.found} {pred.shares}\n"
+
+
+def test_predict_sliding_feeds_the_network_training_sized_windows(run, tmp_path, monkeypatch):
+    from wsss.evaluation import inference
+    from wsss.methods.toco import ToCo
+
+    crop = wsss.load(run).cfg.data.crop_size
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (crop * 2 + 5, crop * 3, 3), np.uint8)).save(
+        tmp_path / "big.png")  # fmt: skip
+    seen, predict_seg = [], ToCo.predict_seg
+    monkeypatch.setattr(ToCo, "predict_seg", lambda self, x: seen.append(tuple(x.shape[-2:])) or predict_seg(self, x))
+    assert main(["predict", str(run), str(tmp_path / "big.png"), "--out", str(tmp_path / "w"), "--sliding",
+                 "--save-probs"]) == 0  # fmt: skip
+    stride = round(crop * (1 - 1 / 3))
+    n = len(inference.window_starts(crop * 2 + 5, crop, stride)) * len(inference.window_starts(crop * 3, crop, stride))
+    assert seen and set(seen) == {(crop, crop)} and n > 6
+    index = json.loads((tmp_path / "w" / "predictions.json").read_text())
+    assert index["window"] == crop and index["images"][0]["size"] == [crop * 2 + 5, crop * 3]
+    windowed = np.load(tmp_path / "w" / "big_probs.npy")
+    seen.clear()
+    assert main(["predict", str(run), str(tmp_path / "big.png"), "--out", str(tmp_path / "whole"), "--save-probs"]) == 0
+    assert seen == [(crop * 2 + 5, crop * 3)]  # without --sliding the whole image in one forward
+    assert windowed.shape == np.load(tmp_path / "whole" / "big_probs.npy").shape
+    seen.clear()
+    assert main(["predict", str(run), str(tmp_path / "big.png"), "--out", str(tmp_path / "w2"), "--sliding",
+                 "--eval.window", "20"]) == 0  # fmt: skip
+    assert set(seen) == {(20, 20)}
