@@ -253,7 +253,7 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wsss`` command."""
-    from wsss.cli_stage import cmd_export, cmd_pseudo_labels
+    from wsss.cli_stage import cmd_export, cmd_pseudo_labels, cmd_report
 
     p = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -310,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="example image size to trace "
                     "(default: the crop size); TorchScript accepts only this size")  # fmt: skip
     ex.set_defaults(fn=cmd_export)
+    rp = sub.add_parser("report", help="an HTML page of a run: curves, per-class scores, confusion, samples")
+    rp.add_argument("target", help="run directory or checkpoint file")
+    rp.add_argument("--split", default="", help="split to score and sample (default: the run's val split)")
+    rp.add_argument("--out", default="", help="output directory (default: RUN_DIR/report)")
+    rp.add_argument("--samples", type=int, default=6, help="val images in the sample grid")
+    rp.add_argument("--overwrite", action="store_true", help="replace an earlier report's files in --out")
+    rp.set_defaults(fn=cmd_report)
     d = sub.add_parser("data", help="demo data and data checks")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dm = dsub.add_parser("demo", help="generate the built-in demo dataset (VOC layout)")

@@ -1,5 +1,6 @@
 """The ``wsss`` subcommands that turn a trained run into files for what comes next: ``pseudo-labels``
-(a second stage's training labels) and ``export`` (a deployable network). Heavy imports stay inside."""
+(a second stage's training labels), ``export`` (a deployable network) and ``report`` (an HTML page to
+judge the run). Heavy imports stay inside."""
 
 from __future__ import annotations
 
@@ -84,4 +85,18 @@ def cmd_export(args, extra: list[str]) -> int:
         shape = f"ONLY image size {size[0]}x{size[1]} (the trace does not hold at other sizes)"
     print(f"{out}: {args.format}, RGB (B, 3, H, W) in [0, 1] -> logits (B, {classes.K}, H, W) "
           f"({', '.join(classes.seg_names)})" + ("" if args.format == "safetensors" else f"; {shape}"))  # fmt: skip
+    return 0
+
+
+def cmd_report(args, extra: list[str]) -> int:
+    """`wsss report`: one HTML page with training curves, per-class scores, confusion matrix and samples."""
+    from wsss.viz.run_report import build_report
+
+    progress = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = lambda it: tqdm(it, desc="evaluate", dynamic_ncols=True)  # noqa: E731
+    page = build_report(args.target, args.out or None, args.split, args.samples, args.overwrite, extra, progress)
+    print(f"report: {page}")
     return 0

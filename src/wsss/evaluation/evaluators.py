@@ -40,8 +40,10 @@ class SegEvaluator:
         self.cm.update(outputs["seg"].max(1).indices.cpu(), batch["mask"])
 
     def compute(self) -> dict:
-        """Metrics dict (see ConfusionMatrix.compute)."""
-        return self.cm.reduce().compute()
+        """Metrics dict (see ConfusionMatrix.compute) plus ``confusion``: (K, K) pixel counts, rows ground truth,
+        columns prediction (for ``wsss report``)."""
+        cm = self.cm.reduce()
+        return {**cm.compute(), "confusion": cm.mat.tolist()}
 
 
 class CAMEvaluator:
