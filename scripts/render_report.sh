@@ -6,6 +6,7 @@
 set -euo pipefail
 page=$(realpath "$1")
 out=${2:-report_screenshot.png}
+if [ -e "$out" ]; then echo "$out: exists; give another output file" >&2; exit 1; fi
 browser=$(command -v chromium || command -v chromium-browser || command -v google-chrome || command -v headless_shell)
 "$browser" --headless --no-sandbox --disable-gpu --screenshot="$out" --window-size=1200,2400 "file://$page"
 echo "screenshot: $out"

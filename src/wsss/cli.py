@@ -77,8 +77,8 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
     out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
     report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
-              "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "classes": list(classes.seg_names),
-              "results": res}  # fmt: skip
+              "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "window": cfg.eval.window, "overlap": cfg.eval.overlap,
+              "classes": list(classes.seg_names), "results": res}  # fmt: skip
     from wsss.data.io import atomic_write
 
     if not dist.is_main():
@@ -138,90 +138,6 @@ def cmd_predict(args, extra: list[str]) -> int:
     return 0
 
 
-def cmd_data(args, extra: list[str]) -> int:
-    """`wsss data demo|check`: generate the demo data, or report every problem of a dataset root."""
-    if args.data_cmd == "demo":
-        from wsss.data.synthetic import DemoConfig, generate
-
-        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
-        root = generate(args.out, cfg)
-        print(f"demo data ({cfg.n_train} train, {cfg.n_val} val, {cfg.size}px) written to {root}")
-        return 0
-    from wsss.data.check import check_root
-
-    problems = check_root(args.root, args.dataset)
-    for sev, msg in problems:
-        print(f"{sev}: {msg}")
-    n_err = sum(s == "error" for s, _ in problems)
-    print(f"{n_err} errors, {len(problems) - n_err} warnings")
-    return 1 if n_err else 0
-
-
-def cmd_prepare(args, extra: list[str]) -> int:
-    """`wsss prepare voc|coco`: one-off conversion of a dataset root."""
-    from wsss.data import prepare
-
-    if args.sbd and args.dataset != "voc":
-        raise SystemExit("wsss: error: --sbd belongs to `wsss prepare voc`")
-    counts = prepare.prepare_voc(args.root, args.sbd) if args.dataset == "voc" else prepare.prepare_coco(args.root)
-    print(json.dumps(counts))
-    return 0
-
-
-def cmd_list(args, extra: list[str]) -> int:
-    """`wsss list`: registered methods, modules, datasets or backbones, or the packaged recipes."""
-    from wsss.registry import BACKBONES, DATASETS, METHODS, MODULES
-
-    if args.what == "backbones":
-        import timm
-
-        def rows(patterns) -> str:
-            tags: dict[str, list[str]] = {}
-            for full in timm.list_models(patterns, pretrained=True):
-                arch, _, tag = full.partition(".")
-                tags.setdefault(arch, []).append(tag or "default")
-            names = timm.list_models(patterns)
-            width = max(len(n) for n in names)
-            marks = {n: f"pretrained: {', '.join(tags[n])}" if n in tags else "no pretrained weights" for n in names}
-            return "\n".join(f"{n:<{width}}  {marks[n]}" for n in names)
-
-        print("backbone wrappers (model.arch; auto picks by the timm model's family):", ", ".join(BACKBONES.names()))
-        print("pretrained weights come from timm's hub (model.weights timm: needs internet once, then its cache) or")
-        print("a local file (model.weights PATH or WSSS_WEIGHTS), which must fit the backbone exactly")
-        print("timm ViTs usable as model.backbone (NAME or NAME.TAG):")
-        print(rows(["vit_*", "deit_*"]))
-        print("timm CNNs usable as model.backbone (arch cnn; output stride via model.output_stride):")
-        print(rows(["resnet*", "wide_resnet*", "resnext*"]))
-        return 0
-    if args.what == "recipes":
-        from wsss.recipes import describe, recipe_dir, recipe_names
-
-        names = recipe_names()
-        width = max(len(n) for n in names)
-        print(f"packaged recipes (--config NAME; files in {recipe_dir()}):")
-        print("\n".join(f"{n:<{width}}  {describe(n)}" for n in names))
-        return 0
-    if args.what == "modules":
-        from wsss.methods.pipeline import describe_modules
-
-        rows = describe_modules()
-        cols = ("name", "method", "losses", "warmup", "needs", "uses")
-        width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols[:-1]}
-        print("  ".join(c.ljust(width.get(c, 0)) for c in cols))
-        for r in rows:
-            uses = r["uses"] + ("; ViT only" if r["vit_only"] else "")
-            print("  ".join(r[c].ljust(width[c]) for c in cols[:-1]) + "  " + uses)
-        print("\nA module is configured under its name (method.<name>.<key>) and switched on by method.modules.")
-        return 0
-    reg = {"methods": METHODS, "modules": MODULES, "datasets": DATASETS}[args.what]
-    for name in reg.names():
-        obj = reg.get(name)
-        doc = (obj.__doc__ or "").strip().splitlines()
-        needs = getattr(obj, "needs", ())
-        print(f"{name:<20} {doc[0] if doc else ''}" + (f" [needs: {', '.join(needs)}]" if needs else ""))
-    return 0
-
-
 def cmd_bench(args, extra: list[str]) -> int:
     """`wsss bench step|speed|quality|modules`: step time against the bare backbone; every recipe's speed;
     multi-seed quality table (``modules``: its ablation mode, each module off in turn)."""
@@ -253,6 +169,7 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wsss`` command."""
+    from wsss.cli_data import cmd_data, cmd_list, cmd_prepare
     from wsss.cli_stage import cmd_export, cmd_pseudo_labels, cmd_report
 
     p = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation.")
@@ -314,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("target", help="run directory or checkpoint file")
     rp.add_argument("--split", default="", help="split to score and sample (default: the run's val split)")
     rp.add_argument("--out", default="", help="output directory (default: RUN_DIR/report)")
-    rp.add_argument("--samples", type=int, default=6, help="val images in the sample grid")
+    rp.add_argument("--samples", type=int, default=6, help="images of the split in the sample grid")
     rp.add_argument("--overwrite", action="store_true", help="replace an earlier report's files in --out")
     rp.set_defaults(fn=cmd_report)
     d = sub.add_parser("data", help="demo data and data checks")
@@ -333,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("dataset", choices=["voc", "coco"])
     pr.add_argument("root")
     pr.add_argument("--sbd", metavar="DIR", help="voc: SBD's benchmark_RELEASE, to build SegmentationClassAug")
+    pr.add_argument("--overwrite", action="store_true", help="voc: replace an existing train_aug.txt, cls_labels.json")
     pr.set_defaults(fn=cmd_prepare)
     ls = sub.add_parser("list", help="list registered methods, modules, datasets, backbones or packaged recipes")
     ls.add_argument("what", choices=["methods", "modules", "datasets", "backbones", "recipes"])
@@ -375,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by the benchmarks
     _setup_logging()
-    if extra and args.cmd not in ("train", "evaluate", "predict", "pseudo-labels", "export", "bench"):
+    if extra and args.cmd not in ("train", "evaluate", "predict", "pseudo-labels", "export", "report", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from wsss.config import ConfigError
     from wsss.data.io import DataError

@@ -236,7 +236,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("_base_", None)
     if base:
-        base_data = read_yaml(path.parent / base)
+        base_data = read_yaml((path.parent / base).resolve())  # the file's own neighbour, never a packaged name
         # A recipe that names another method replaces the base's method section instead of merging into
         # it, unless that method extends the base's (cpf_cte on toco): then it inherits the settings.
         name = (data.get("method") or {}).get("name")

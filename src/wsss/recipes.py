@@ -35,13 +35,15 @@ def describe(name: str) -> str:
 
 def find_recipe(path_or_name: str | Path) -> Path | None:
     """The file ``path_or_name`` names (``.yaml`` optional), looked up in the working directory first, then
-    among the packaged recipes; None when neither has it."""
+    among the packaged recipes (a leading ``configs/`` dropped); None when neither has it."""
     path = Path(path_or_name)
     local = (path, path.with_name(path.name + ".yaml"))
-    for c in local if path.is_absolute() or ".." in path.parts else local + tuple(recipe_dir() / p for p in local):
-        if c.is_file():
-            return c
-    return None
+    if path.is_absolute() or ".." in path.parts:
+        return next((c for c in local if c.is_file()), None)
+    # a clone's `configs/bench/toco.yaml` names the packaged bench/toco too, for a pip install's users
+    name = Path(*path.parts[1:]) if path.parts[0] == "configs" and len(path.parts) > 1 else path
+    packaged = (recipe_dir() / name, recipe_dir() / name.with_name(name.name + ".yaml"))
+    return next((c for c in local + packaged if c.is_file()), None)
 
 
 def close_names(path_or_name: str | Path, n: int = 3) -> list[str]:

@@ -160,6 +160,12 @@ def test_tags_only_folder_trains_by_default_and_scores_held_out_tags(tmp_path, c
     assert len(train) == 18 and not train & val and len(val) == 2
     assert main(["evaluate", str(run)]) == 0
     assert "tag level (2 images, no masks)" in capsys.readouterr().out
+    # the report of a run without masks: tag AP bars, no confusion matrix, a grid without ground truth
+    assert main(["report", str(run), "--samples", "2"]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert "confusion.png" not in page and "Per-class AP" in page and "image | CAM | pseudo label | prediction" in page
+    assert not (run / "report" / "confusion.png").exists()
+    assert f"{100 * final['tags']['map']:.2f}" in page
 
 
 def test_some_masks_missing_is_one_line_naming_an_image(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """`wsss prepare voc|coco` on tiny hand-made inputs."""
 
 import json
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -66,12 +67,21 @@ def test_prepare_voc_builds_train_aug_and_labels(tmp_path):
     (sets / "val.txt").write_text("v1\n")
     (sets / "train.txt").write_text("t1\n")
     pal = voc_palette().flatten().tolist()
-    for name, val in (("v1", 15), ("t1", 8), ("s1", 1)):
+    (root / "JPEGImages").mkdir()
+    for name, val in (("v1", 15), ("t1", 8), ("s1", 1), ("x1", 2)):
         write_mask(root / "SegmentationClassAug" / f"{name}.png", np.full((4, 4), val, np.uint8), pal)
+        if name != "x1":  # x1: a mask without its image, left out of train_aug
+            Image.new("RGB", (4, 4)).save(root / "JPEGImages" / f"{name}.jpg")
     assert main(["prepare", "voc", str(root.parent)]) == 0
     assert (sets / "train_aug.txt").read_text().split() == ["s1", "t1"]
     labels = json.loads((root / "cls_labels.json").read_text())
     assert labels == {"s1": ["aeroplane"], "t1": ["cat"], "v1": ["person"]}
+    # a second run would replace both files: only with --overwrite, refused before any work otherwise
+    (sets / "train_aug.txt").write_text("the user's list\n")
+    assert main(["prepare", "voc", str(root.parent)]) == 2
+    assert (sets / "train_aug.txt").read_text() == "the user's list\n"
+    assert main(["prepare", "voc", str(root.parent), "--overwrite"]) == 0
+    assert (sets / "train_aug.txt").read_text().split() == ["s1", "t1"]
 
 
 def _voc_with_sbd(tmp_path):
@@ -95,6 +105,7 @@ def _voc_with_sbd(tmp_path):
     sbd = {"a": np.arange(20, dtype=np.uint8).reshape(4, 5) + 1, "b": np.full((4, 5), 3, np.uint8),
            "c": np.zeros((4, 5), np.uint8)}  # fmt: skip
     sbd["c"][0, 0] = 20
+    sbd["z"] = np.ones((4, 5), np.uint8)  # an SBD name whose image is not in JPEGImages: skipped
     for n, seg in sbd.items():
         gt = {"Segmentation": seg, "Boundaries": np.zeros((1,), object), "CategoriesPresent": np.unique(seg)}
         savemat(cls / f"{n}.mat", {"GTcls": gt})
@@ -107,10 +118,17 @@ def test_prepare_voc_converts_sbd_mats_into_segmentation_class_aug(tmp_path, cap
     aug.mkdir()
     users = np.full((4, 5), 7, np.uint8)  # a mask already there is the user's: kept byte for byte
     write_mask(aug / "c.png", users, voc_palette().flatten().tolist())
+    (aug / "a.png").symlink_to(tmp_path / "nowhere.png")  # so is a dangling link
     before = (aug / "c.png").read_bytes()
     assert main(["prepare", "voc", str(root.parent), "--sbd", str(sbd_dir)]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["converted"] == {"sbd": 1, "voc": 2, "kept": 1, "missing_images": 0}
+    assert out["converted"] == {"sbd": 0, "voc": 2, "kept": 2, "missing_images": 1}
+    assert not (aug / "z.png").exists() and "e.g. z.jpg" in caplog.text
+    assert (aug / "a.png").is_symlink() and not (tmp_path / "nowhere.png").exists()
+    (aug / "a.png").unlink()
+    capsys.readouterr()
+    assert main(["prepare", "voc", str(root.parent), "--sbd", str(sbd_dir), "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["converted"]["sbd"] == 1
     assert np.array_equal(read_mask(aug / "a.png"), sbd["a"])  # all 21 class indices survive the PNG
     assert np.array_equal(read_mask(aug / "b.png"), voc_b)  # VOC's own mask (void border) wins over SBD's
     assert np.array_equal(read_mask(aug / "v.png"), np.full((4, 5), 12, np.uint8))
@@ -129,7 +147,7 @@ def _errors(capsys) -> list[str]:
     """stderr's lines less the progress bar's; a traceback fails the test."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    return [ln for ln in err.strip().splitlines() if "it/s]" not in ln and "s/it]" not in ln]
+    return [ln for ln in err.strip().splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
 
 
 def test_prepare_voc_sbd_errors_are_one_line(tmp_path, capsys):
@@ -144,9 +162,12 @@ def test_prepare_voc_sbd_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and str(bad) in err[0] and "classes 0..20" in err[0] and "30..30" in err[0]
     (sbd_dir / "dataset" / "cls" / "e.mat").write_bytes(b"not a mat file")
     bad.unlink()
+    shutil.rmtree(root / "SegmentationClassAug")
+    (root / "ImageSets" / "Segmentation" / "train_aug.txt").unlink(missing_ok=True)
     assert main(["prepare", "voc", str(root), "--sbd", str(sbd_dir)]) == 2
     err = _errors(capsys)
     assert len(err) == 1 and "e.mat: not an SBD class mask" in err[0]
+    assert not any((root / "SegmentationClassAug").glob("*.png"))  # the header check comes before any write
     assert main(["prepare", "voc", str(root), "--sbd", str(tmp_path / "nowhere")]) == 2
     assert "no SBD cls/ folder" in capsys.readouterr().err
 

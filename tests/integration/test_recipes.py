@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from wsss.cli import main
-from wsss.config import dump_config, load_config
+from wsss.config import ConfigError, dump_config, load_config
 from wsss.recipes import find_recipe, recipe_dir, recipe_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +29,19 @@ def test_names_resolve_to_the_packaged_files_from_any_directory(tmp_path, monkey
     (tmp_path / "bench" / "toco.yaml").write_text("method:\n  name: toco\n  w_ctc: 0.25\n")
     assert find_recipe("bench/toco") == Path("bench/toco.yaml")
     assert load_config("bench/toco").method.w_ctc == 0.25
+    # a clone's path names the packaged recipe where there is no clone
+    assert find_recipe("configs/bench/rca.yaml") == recipe_dir() / "bench" / "rca.yaml"
+    # _base_ is the file's own neighbour, however the file was named: never the packaged one
+    (tmp_path / "bench" / "mine.yaml").write_text("_base_: other.yaml\n")
+    for ref in ("bench/mine.yaml", str(tmp_path / "bench" / "mine.yaml")):
+        with pytest.raises(ConfigError, match="other.yaml: config file not found"):
+            load_config(ref)
+    (tmp_path / "bench" / "mine.yaml").write_text("_base_: toco.yaml\n")
+    assert (
+        load_config("bench/mine.yaml").method.w_ctc
+        == load_config(tmp_path / "bench" / "mine.yaml").method.w_ctc
+        == 0.25
+    )
 
 
 def test_unknown_name_is_one_line_with_close_names(tmp_path, capsys):

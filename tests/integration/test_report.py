@@ -1,6 +1,7 @@
 """`wsss report RUN`: the HTML page and its figures, the scores they show, and the output guard."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -110,3 +111,25 @@ def test_report_renders_in_headless_chromium(tiny_toco_run, tmp_path):
                     "--window-size=1200,2400", (out / "index.html").as_uri()], check=True, timeout=120)  # fmt: skip
     px = np.asarray(Image.open(shot).convert("L"))
     assert px.std() > 10  # text and figures drawn, not a blank page
+
+
+def test_report_scores_only_the_model_it_shows(tiny_toco_run, demo_root, tmp_path, capsys):
+    """Stored scores are used for the run's last checkpoint only: a checkpoint target, a resumed run
+    (final_eval.json older than last.pt) or an --eval override is evaluated afresh; overrides reach the run."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_toco_run, run)
+    src = "evaluated by wsss report"
+    assert main(["report", str(run / "checkpoints" / "last.pt"), "--out", str(tmp_path / "a"), "--samples", "1"]) == 0
+    assert "final_eval.json" in _parse(tmp_path / "a" / "index.html").cells
+    ckpt = run / "checkpoints" / "other.pt"
+    shutil.copy(run / "checkpoints" / "last.pt", ckpt)
+    assert main(["report", str(ckpt), "--out", str(tmp_path / "b"), "--samples", "1"]) == 0
+    assert any(c.startswith(src) for c in _parse(tmp_path / "b" / "index.html").cells)
+    os.utime(run / "final_eval.json", (1, 1))  # as after a resume that has not finished
+    assert main(["report", str(run), "--out", str(tmp_path / "c"), "--samples", "1"]) == 0
+    assert any(c.startswith(src) for c in _parse(tmp_path / "c" / "index.html").cells)
+    assert main(["report", str(run), "--out", str(tmp_path / "d"), "--samples", "1", "--data.root", str(demo_root),
+                 "--eval.flip", "true"]) == 0  # fmt: skip
+    assert any(c.startswith(src) for c in _parse(tmp_path / "d" / "index.html").cells)
+    assert main(["report", str(run), "--out", str(tmp_path / "e"), "--samples", "0"]) == 2
+    assert "--samples 0" in capsys.readouterr().err and not (tmp_path / "e").exists()

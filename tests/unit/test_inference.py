@@ -86,3 +86,22 @@ def test_sliding_windows_tile_a_large_image_at_the_window_size_in_bounded_chunks
     assert y.shape == (1, 2, 50, 70) and torch.isfinite(y).all()
     with pytest.raises(ConfigError, match="eval.window must be >= 0 and eval.overlap in"):
         load_config(None, ["--eval.overlap", "1.0"])
+
+
+def test_sliding_windows_of_a_pointwise_model_equal_whole_image_inference():
+    """Stitching: for a model whose logit at a pixel depends on that pixel only, windows of any size and
+    overlap (chunks of more than WINDOW_CHUNK windows, two images, flips, two scales, odd sides) give the
+    whole-image logits."""
+
+    class Pointwise:
+        def __init__(self):
+            self.w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+
+        def predict_seg(self, x):
+            return torch.einsum("kc,bchw->bkhw", self.w, x)
+
+    m, x = Pointwise(), torch.randn(2, 3, 37, 53, generator=torch.Generator().manual_seed(1))
+    whole = multi_scale_seg(m, x, (1.0, 0.75), flip=True)
+    for window, overlap in ((8, 1 / 3), (16, 0.0), (5, 0.9), (64, 0.5)):
+        got = multi_scale_seg(m, x, (1.0, 0.75), flip=True, window=window, overlap=overlap)
+        assert torch.allclose(got, whole, atol=1e-5), (window, overlap)

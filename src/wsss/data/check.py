@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss.data.classes import COCO, VOC, ClassSpec
+from wsss.data.classes import ClassSpec
 from wsss.data.io import DataError, inspect_image, read_mask
-from wsss.data.voc import classes_for_root, coco_image_dir, is_coco_root, mask_dir, read_cls_labels, voc_root
+from wsss.data.voc import LAYOUTS, classes_for_root, is_coco_root, mask_dir, read_cls_labels, voc_root
 
 
 def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
@@ -40,14 +40,14 @@ def check_root(root: str | Path, dataset: str = "auto") -> list[tuple[str, str]]
         dataset = "folder" if (root / "tags.csv").is_file() else "coco" if is_coco_root(root) else "voc"
     if dataset == "folder":
         return _check_folder(root)
-    coco = dataset == "coco"
-    image_dir = coco_image_dir(root) if coco else lambda _n: root / "JPEGImages"
+    default_classes, image_dir_fn = LAYOUTS[dataset]
+    image_dir = image_dir_fn(root) if image_dir_fn else lambda _n: root / "JPEGImages"
     problems: list[tuple[str, str]] = []
     try:
         labels = read_cls_labels(root)
     except DataError as e:
         return [("error", str(e))]
-    classes = classes_for_root(root, COCO if coco else VOC)
+    classes = classes_for_root(root, default_classes)
     lists = sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))
     if not lists:
         problems.append(("error", f"{root / 'ImageSets' / 'Segmentation'}: no split lists"))

@@ -28,15 +28,19 @@ def _progress(it, total: int, desc: str):
 VOC_VAL, VOC_TRAIN_AUG = 1449, 10582  # the standard split sizes (VOC 2012 val; VOC + SBD train minus val)
 
 
-def prepare_voc(root: str | Path, sbd: str | Path | None = None) -> dict:
+def prepare_voc(root: str | Path, sbd: str | Path | None = None, overwrite: bool = False) -> dict:
     """Write ImageSets/Segmentation/train_aug.txt (masks in SegmentationClassAug minus val) and
     cls_labels.json (tags from the masks); with ``sbd`` (SBD's benchmark_RELEASE folder) first build
-    SegmentationClassAug from SBD's cls/*.mat and VOC's masks (``wsss.data.sbd``). Returns counts per split."""
+    SegmentationClassAug from SBD's cls/*.mat and VOC's masks (``wsss.data.sbd``). An existing train_aug.txt or
+    cls_labels.json is replaced only with ``overwrite``. Returns counts per split."""
     root = voc_root(Path(root))
     seg_sets = root / "ImageSets" / "Segmentation"
     if not (seg_sets / "val.txt").is_file():
         raise DataError(f"{seg_sets / 'val.txt'}: not found; is {root} a VOCdevkit/VOC2012 folder?")
     val = [ln.strip() for ln in (seg_sets / "val.txt").read_text().splitlines() if ln.strip()]
+    for f in (seg_sets / "train_aug.txt", root / "cls_labels.json"):  # before any work: never replace a
+        if f.exists() and not overwrite:  # list or label file the user may hold (e.g. another train_aug)
+            raise DataError(f"{f}: exists; give --overwrite to replace it (wsss prepare writes it anew)")
     counts: dict = {}
     if sbd is not None:
         from wsss.data.sbd import convert_sbd
@@ -50,7 +54,11 @@ def prepare_voc(root: str | Path, sbd: str | Path | None = None) -> dict:
     val_set = set(val)
     counts["val"] = len(val)
     if md.name == "SegmentationClassAug":
-        train_aug = sorted(p.stem for p in md.glob("*.png") if p.stem not in val_set)
+        masks = sorted(p.stem for p in md.glob("*.png") if p.stem not in val_set)
+        train_aug = [n for n in masks if (root / "JPEGImages" / f"{n}.jpg").is_file()]
+        if len(train_aug) < len(masks):
+            log.warning("%d masks in %s have no image in JPEGImages (e.g. %s); left out of train_aug",
+                        len(masks) - len(train_aug), md, next(n for n in masks if n not in set(train_aug)))  # fmt: skip
         atomic_write(seg_sets / "train_aug.txt", lambda p: Path(p).write_text("\n".join(train_aug) + "\n"))
         counts["train_aug"] = len(train_aug)
         if len(train_aug) != VOC_TRAIN_AUG:

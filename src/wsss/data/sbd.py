@@ -52,13 +52,25 @@ def convert_sbd(root: Path, sbd: Path, progress=lambda it, total, desc: it) -> d
     """Write ``root/SegmentationClassAug/<name>.png`` for every SBD and VOC mask (VOC's where both exist).
 
     Existing PNGs in SegmentationClassAug are kept, never replaced, so an interrupted conversion resumes and
-    a folder the user made is left as it is. Returns counts: ``sbd`` masks read, ``voc`` masks copied,
-    ``kept`` already present, ``missing_images`` SBD names without a JPEGImages file.
+    a folder the user made is left as it is; names without a JPEGImages file are skipped. Every .mat header
+    is checked before the first write. Returns counts: ``sbd`` masks read, ``voc`` masks copied, ``kept``
+    already present, ``missing_images`` names skipped.
     """
+    try:
+        from scipy.io import whosmat
+    except ImportError:
+        raise DataError("scipy is needed to read SBD's .mat files: pip install 'wsss[voc]'") from None
     ds = sbd_dataset_dir(sbd)
     mats = sorted((ds / "cls").glob("*.mat"))
     if not mats:
         raise DataError(f"{ds / 'cls'}: no .mat files")
+    for m in progress(mats, len(mats), "check SBD headers"):  # a foreign or damaged file fails before any write
+        try:
+            ok = any(name == "GTcls" for name, _, _ in whosmat(str(m)))
+        except Exception as e:  # scipy raises several types for damaged or foreign files
+            raise DataError(f"{m}: not an SBD class mask ({type(e).__name__}: {e})") from None
+        if not ok:
+            raise DataError(f"{m}: not an SBD class mask (no GTcls struct)")
     out = root / "SegmentationClassAug"
     out.mkdir(exist_ok=True)
     voc_dir = root / "SegmentationClass"
@@ -67,11 +79,13 @@ def convert_sbd(root: Path, sbd: Path, progress=lambda it, total, desc: it) -> d
     counts = {"sbd": 0, "voc": 0, "kept": 0, "missing_images": 0}
     names = sorted({m.stem for m in mats} | voc_names)
     mat_of = {m.stem: m for m in mats}
+    missing = []
     for name in progress(names, len(names), "SegmentationClassAug"):
         dst = out / f"{name}.png"
-        if not (root / "JPEGImages" / f"{name}.jpg").is_file():
-            counts["missing_images"] += 1
-        if dst.exists():
+        if not (root / "JPEGImages" / f"{name}.jpg").is_file():  # a mask without its image trains nothing
+            missing.append(name)
+            continue
+        if dst.exists() or dst.is_symlink():  # a dangling link is the user's too
             counts["kept"] += 1
             continue
         if name in voc_names:
@@ -80,7 +94,8 @@ def convert_sbd(root: Path, sbd: Path, progress=lambda it, total, desc: it) -> d
         else:
             write_mask(dst, read_sbd_mat(mat_of[name]), palette)
             counts["sbd"] += 1
-    if counts["missing_images"]:
-        log.warning("%d masks have no image in %s (is %s VOC 2012?)", counts["missing_images"],
-                    root / "JPEGImages", root)  # fmt: skip
+    counts["missing_images"] = len(missing)
+    if missing:
+        log.warning("%d SBD/VOC masks skipped: no image in %s (e.g. %s.jpg; is %s VOC 2012?)", len(missing),
+                    root / "JPEGImages", missing[0], root)  # fmt: skip
     return counts

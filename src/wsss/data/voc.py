@@ -103,6 +103,8 @@ def coco_image_dir(root: Path):
     return fn
 
 
-DATASETS.register("voc")(_build("voc", VOC))
-DATASETS.register("demo")(_build("demo", VOC))
-DATASETS.register("coco")(_build("coco", COCO, coco_image_dir))
+# Each VOC-layout dataset: its default classes (without a classes.txt) and where its images are (None:
+# JPEGImages/); `wsss data check` reads the same table.
+LAYOUTS = {"voc": (VOC, None), "demo": (VOC, None), "coco": (COCO, coco_image_dir)}
+for _name, (_classes, _images) in LAYOUTS.items():
+    DATASETS.register(_name)(_build(_name, _classes, _images))

@@ -19,10 +19,10 @@ def window_starts(side: int, window: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def sliding_seg(method, images: torch.Tensor, window: int, overlap: float = 1 / 3) -> torch.Tensor:
-    """Seg logits (B, K, H, W) from ``window`` x ``window`` crops (clipped to the image's sides) every
-    ``window * (1 - overlap)`` px, each pixel the mean of the windows covering it (mmsegmentation's slide
-    mode). The network then sees the image at its own resolution, in pieces of the training crop's size,
-    instead of a whole large image at once."""
+    """Seg logits (B, K, H, W) of normalised ``images`` (B, 3, H, W) from ``window`` x ``window`` crops
+    (clipped to the image's sides) every ``window * (1 - overlap)`` px, each pixel the mean of the windows
+    covering it (mmsegmentation's slide mode). The network sees the image at its own resolution, in
+    pieces of the training crop's size, instead of a whole large image at once."""
     B, _, H, W = images.shape
     wh, ww = min(window, H), min(window, W)
     stride = max(1, round(window * (1 - overlap)))

@@ -5,8 +5,9 @@ drawn with matplotlib (Agg): ``curves.png`` (every logged loss, the learning rat
 iterations, from ``metrics.jsonl``), ``per_class.png`` (per-class IoU of CAM / pseudo label / seg, or the
 tag AP of a run without masks), ``confusion.png`` (the seg confusion matrix, each ground-truth row
 normalised), ``samples.png`` (image / ground truth / CAM / pseudo label / prediction for val images spread
-over the split, with column titles and a colour legend). Scores come from the run's ``eval_<split>.json``
-or ``final_eval.json`` when they hold the split's confusion matrix; otherwise the split is evaluated here.
+over the split, with column titles and a colour legend). Scores come from the run's ``final_eval.json``
+when it describes the loaded model and protocol (:func:`stored_results`); otherwise the split is
+evaluated here.
 """
 
 from __future__ import annotations
@@ -207,27 +208,29 @@ img{{max-width:100%}}figure{{margin:2em 0}}figcaption{{color:#555}}</style></hea
 {figs}
 </body></html>
 """
-    atomic_write(path, lambda p: Path(p).write_text(page))
+    atomic_write(path, lambda p: Path(p).write_text(page, encoding="utf-8"))
 
 
 def _cell(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def stored_results(run_dir: Path, split: str, val_split: str) -> tuple[dict, str] | None:
-    """(results, file name) of the run's saved evaluation of ``split`` when it holds what the report needs
-    (the seg confusion matrix, or the tag level of a run without masks); None otherwise."""
-    for f in (run_dir / f"eval_{split}.json", run_dir / "final_eval.json"):
-        if not f.is_file() or (f.name == "final_eval.json" and split != val_split):
-            continue
-        try:
-            data = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            continue
-        res = data.get("results", data)
-        if "confusion" in res.get("seg", {}) or ("tags" in res and "seg" not in res):
-            return res, f.name
-    return None
+def stored_results(target: Path, run_dir: Path, split: str, val_split: str, overrides) -> dict | None:
+    """The run's own final evaluation when it describes what the report loaded: the run's last checkpoint
+    (not best.pt or another file), its val split, the recipe's eval protocol (no ``--eval.*`` override),
+    written after the checkpoint, holding the seg confusion matrix (or only the tag level); else None."""
+    final, last = run_dir / "final_eval.json", run_dir / "checkpoints" / "last.pt"
+    if target.resolve() not in (run_dir.resolve(), last.resolve()) or split != val_split:
+        return None
+    if any(str(o).startswith("--eval.") for o in overrides) or not final.is_file() or not last.is_file():
+        return None
+    if final.stat().st_mtime < last.stat().st_mtime:  # resumed since: the scores are of an older model
+        return None
+    try:
+        res = json.loads(final.read_text())
+    except json.JSONDecodeError:
+        return None
+    return res if "confusion" in res.get("seg", {}) or ("tags" in res and "seg" not in res) else None
 
 
 def build_report(target: str | Path, out: str | Path | None = None, split: str = "", samples: int = 6,
@@ -241,21 +244,28 @@ def build_report(target: str | Path, out: str | Path | None = None, split: str =
     from wsss.evaluation.outputs import guard_outputs, planned_records, write_index
 
     _plt()  # a missing matplotlib is an error before any work
+    if samples < 1:
+        raise DataError(f"--samples {samples}: give at least one image for the sample grid")
     cfg, method, classes, device, run_dir = load_run(target, list(overrides))
     val_split = cfg.eval.split or cfg.data.val_split
     split = split or val_split
     out = Path(out) if out else run_dir / "report"
     planned = {"report": [*FIGURES, "index.html"]}
-    guard_outputs(out, planned, set(), INDEX, overwrite, "wsss report")
+    earlier = guard_outputs(out, planned, set(), INDEX, overwrite, "wsss report").get("images", [])
+    kept = [f for r in earlier for f in r.get("outputs", []) if (out / f).exists()]  # stale ones stay ours
     steps, evals = read_metrics(run_dir / "metrics.jsonl")
     if not steps:
         raise DataError(f"{run_dir / 'metrics.jsonl'}: no logged training step to plot")
     ds = build_eval_dataset(cfg, split)
+    if split == val_split and cfg.data.max_val_images:  # as the trainer scored it
+        ds.items = ds.items[: cfg.data.max_val_images]
+    if not len(ds):
+        raise DataError(f"split {split}: no images to report on")
     out.mkdir(parents=True, exist_ok=True)
     write_index(out / INDEX, {"run": str(run_dir), "split": split}, planned_records(planned))
-    stored = stored_results(run_dir, split, val_split)
-    if stored:
-        results, source = stored
+    results = stored_results(Path(target), run_dir, split, val_split, overrides)
+    if results is not None:
+        source = "final_eval.json"
     else:
         which = ("seg", "cam", "pseudo") if ds.load_masks else ("tags",)
         loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
@@ -280,5 +290,5 @@ def build_report(target: str | Path, out: str | Path | None = None, split: str =
     scores = {k: 100 * v for k, v in headline(results).items()}
     write_html(out / "index.html", f"wsss report: {run_dir.name}", facts, scores, (names, series), figures)
     write_index(out / INDEX, {"run": str(run_dir), "split": split, "scores_from": source},
-                [{"name": "report", "outputs": [*figures, "index.html"]}])  # fmt: skip
+                [{"name": "report", "outputs": list(dict.fromkeys([*figures, "index.html", *kept]))}])  # fmt: skip
     return out / "index.html"
