@@ -27,11 +27,15 @@ def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool, use
         builder = DATASETS.get(d.dataset)
     except KeyError as e:
         raise ConfigError(f"config key 'data.dataset': {e.args[0]}") from None
+    if d.max_side < 0:
+        raise ConfigError(f"data.max_side must be >= 0 (0: off), got {d.max_side}")
     if not (use_mask_dir and d.mask_dir and split == d.train_split):
-        return builder(d, split, tf, load_masks)
-    ds = builder(d, split, tf, False)  # the dataset's own masks may not exist (tags-only train splits)
-    ds.items = masks_from_dir(ds.items, Path(d.mask_dir).expanduser(), ds.classes)
-    ds.load_masks = load_masks
+        ds = builder(d, split, tf, load_masks)
+    else:
+        ds = builder(d, split, tf, False)  # the dataset's own masks may not exist (tags-only train splits)
+        ds.items = masks_from_dir(ds.items, Path(d.mask_dir).expanduser(), ds.classes)
+        ds.load_masks = load_masks
+    ds.max_side = d.max_side
     return ds
 
 

@@ -44,6 +44,9 @@ class DataConfig:
     p_blur: float = 0.0  # probability of a Gaussian blur, radius 0.1-2 px (ToCo's training view: 1.0)
     num_workers: int = 2
     max_val_images: int = 0  # 0: all
+    # images whose longer side exceeds this are read downscaled to it (masks nearest), in training,
+    # evaluation (scored at that size) and pseudo-label export; 0: as they are
+    max_side: int = 0
     # a directory of <name>.png label masks (255 ignored) read for the train split instead of the dataset's
     # own, e.g. `wsss pseudo-labels` output for a second stage; the val split keeps its ground truth
     mask_dir: str = ""

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, image_size, read_image, read_mask
+from wsss.data.io import DataError, fit_side, image_size, read_image, read_mask
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,12 @@ class SegDataset(Dataset):
         load_masks: read masks (evaluation / full supervision); never for weak training.
     """
 
-    def __init__(self, items: list[Item], classes: ClassSpec, transform, load_masks: bool) -> None:
+    def __init__(self, items: list[Item], classes: ClassSpec, transform, load_masks: bool, max_side: int = 0) -> None:
         self.items = items
         self.classes = classes
         self.transform = transform
         self.load_masks = load_masks
+        self.max_side = max_side  # images (and masks) with a longer side are read downscaled to it; 0: off
         for it in items:
             for t in it.tags:
                 if t not in classes.names:
@@ -58,13 +60,13 @@ class SegDataset(Dataset):
 
     def image_size(self, idx: int) -> tuple[int, int]:
         """Displayed (H, W) of image ``idx`` from its file header (no decode): what evaluation batches by."""
-        return image_size(self.items[idx].image)
+        return fit_side(image_size(self.items[idx].image), self.max_side)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         idx, seed = key if isinstance(key, tuple) else (key, idx_seed(key))
         it = self.items[idx]
-        img = read_image(it.image)
-        mask = read_mask(it.mask, img.shape[:2]) if self.load_masks else None
+        img = read_image(it.image, self.max_side)
+        mask = self._mask(it, img.shape[:2]) if self.load_masks else None
         image, m, valid = self.transform(img, mask, np.random.default_rng(seed))
         out = {
             "image": image,
@@ -77,6 +79,21 @@ class SegDataset(Dataset):
         if m is not None:
             out["mask"] = m
         return out
+
+    def _mask(self, it: Item, hw: tuple[int, int]) -> np.ndarray:
+        """(H, W) mask of ``it`` at the size its image was read at: a mask at the file's full size is
+        downscaled (nearest) when ``max_side`` shrank the image; one already at the read size (pseudo
+        labels exported under the same max_side) is taken as it is."""
+        if not self.max_side:
+            return read_mask(it.mask, hw)
+        full = image_size(it.image)
+        if full == hw:
+            return read_mask(it.mask, hw)
+        m = read_mask(it.mask)
+        if m.shape == hw:
+            return m
+        m = read_mask(it.mask, full)  # a wrong size fails here, with the message naming both sizes
+        return np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
 
 
 def idx_seed(idx: int) -> int:

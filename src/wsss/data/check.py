@@ -8,6 +8,8 @@ from wsss.data.classes import ClassSpec
 from wsss.data.io import DataError, inspect_image, read_mask
 from wsss.data.voc import LAYOUTS, classes_for_root, is_coco_root, mask_dir, read_cls_labels, voc_root
 
+LARGE_SIDE = 2048  # beyond this a ViT's whole-image evaluation runs out of time or memory on most machines
+
 
 def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
     out = []
@@ -20,6 +22,9 @@ def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> lis
         prob, size = inspect_image(img)
         if prob:
             out.append(prob)
+        if size is not None and max(size) > LARGE_SIDE:
+            out.append(("warning", f"{img}: large image ({size[0]}x{size[1]}): slow to train and evaluate at full "
+                        f"size; --data.max_side {LARGE_SIDE} reads it downscaled"))  # fmt: skip
         if mask is not None and mask.is_file() and size is not None:
             try:
                 read_mask(mask, size)

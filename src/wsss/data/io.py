@@ -97,9 +97,20 @@ def _mode_problem(path: Path, mode: str) -> tuple[str, str] | None:
     return None
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def fit_side(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(H, W) scaled so that its longer side is at most ``max_side`` (0: unchanged), each side at least 1."""
+    h, w = size
+    if not max_side or max(h, w) <= max_side:
+        return h, w
+    s = max_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def read_image(path: str | Path, max_side: int = 0) -> np.ndarray:
     """Read an RGB image as (H, W, 3) uint8, as displayed (EXIF orientation applied); grayscale and RGBA
-    are converted with a warning once."""
+    are converted with a warning once. ``max_side`` > 0: a larger image is downscaled (antialiased) to
+    :func:`fit_side`; a JPEG is then decoded at a reduced scale already (PIL's draft), which makes huge
+    photos cheap to read."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -109,7 +120,15 @@ def read_image(path: str | Path) -> np.ndarray:
             if mode != "RGB" and str(path) not in _warned:
                 _warned.add(str(path))
                 log.warning("%s: %s image converted to RGB", path, mode)
-            return np.asarray(_upright(im).convert("RGB"))
+            size = displayed_size(im)
+            target = fit_side(size, max_side)
+            if target == size:
+                return np.asarray(_upright(im).convert("RGB"))
+            swap = orientation(im) in _SWAPS  # draft sizes are in stored (unrotated) pixels
+            if im.format == "JPEG":
+                im.draft("RGB", (target[0], target[1]) if swap else (target[1], target[0]))
+            up = _upright(im).convert("RGB")
+            return np.asarray(up.resize((target[1], target[0]), Image.BILINEAR, reducing_gap=3.0))
     except FileNotFoundError:
         raise DataError(f"{path}: image file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
