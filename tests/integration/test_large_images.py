@@ -70,3 +70,14 @@ def test_data_check_warns_about_large_images_and_names_the_knob(tmp_path, capsys
     assert main(["train", "--config", "demo/toco", "--data.dataset", "folder", "--data.root", str(root),
                  "--data.max_side", "-1", "--run-dir", str(tmp_path / "r"), *TINY]) == 2  # fmt: skip
     assert "data.max_side must be >= 0" in capsys.readouterr().err
+
+
+def test_training_evaluation_shows_progress_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import sys
+
+    root = _photos(tmp_path / "f", [(48, 48), (40, 64)] * 5, masks=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["train", "--config", "demo/toco", "--data.dataset", "folder", "--data.root", str(root),
+                 "--run-dir", str(tmp_path / "run"), *TINY]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "evaluate val:   0%|" in err and "0/1 [" in err  # the final evaluation's bar over the one held-out image

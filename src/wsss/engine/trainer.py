@@ -215,8 +215,16 @@ class Trainer:
             self.val_ds, self.cfg.eval.batch_size, dist.rank(), dist.world_size(), self.cfg.data.num_workers
         )
         which = ("seg", "cam", "pseudo") if self.val_ds.load_masks else ("tags",)
-        res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which)
-        self._log({"iter": it, "split": self.cfg.eval.split or self.cfg.data.val_split, **headline(res)})
+        split = self.cfg.eval.split or self.cfg.data.val_split
+        progress = None
+        if dist.is_main():
+            log.info("iteration %d: evaluating %d images of split %s", it, len(self.val_ds), split)
+            if sys.stderr.isatty():  # large images make an evaluation long: show where it is
+                from tqdm import tqdm
+
+                progress = lambda x: tqdm(x, desc=f"evaluate {split}", leave=False, dynamic_ncols=True)  # noqa: E731
+        res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which, progress)
+        self._log({"iter": it, "split": split, **headline(res)})
         if dist.is_main():
             log.info("iteration %d evaluation:\n%s", it, format_table(res, self.classes))
             if self.tb is not None:
