@@ -79,12 +79,12 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
               "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "window": cfg.eval.window, "overlap": cfg.eval.overlap,
               "classes": list(classes.seg_names), "results": res}  # fmt: skip
-    from wsss.data.io import atomic_write
+    from wsss.data.io import atomic_write, dumps_results
 
     if not dist.is_main():
         dist.cleanup()
         return 0
-    atomic_write(out, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    atomic_write(out, lambda p: Path(p).write_text(dumps_results(report)))
     dist.cleanup()
     print(
         f"{cfg.method_name} on {split} ({len(ds)} images, scales {list(cfg.eval.scales)}, flip {cfg.eval.flip}, "

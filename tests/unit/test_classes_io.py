@@ -66,3 +66,22 @@ def test_atomic_write_gives_the_mode_the_umask_says(tmp_path, umask, mode):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == mode
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
+
+
+def test_results_json_puts_each_number_list_on_one_line():
+    import json
+    import math
+
+    from wsss.data.io import dumps_results
+
+    conf = [[i * 81 + j for j in range(81)] for i in range(81)]
+    res = {"seg": {"iou": [0.5, float("nan"), 1e-07, -2.0], "miou": 0.25, "confusion": conf}, "names": ["a", "b"],
+           "note": "scales [1.0,0.5] kept as written"}  # fmt: skip
+    text = dumps_results(res)
+    back = json.loads(text)
+    assert back["seg"]["confusion"] == conf and back["names"] == ["a", "b"] and back["note"] == res["note"]
+    assert (
+        back["seg"]["iou"][0] == 0.5 and math.isnan(back["seg"]["iou"][1]) and back["seg"]["iou"][2:] == [1e-07, -2.0]
+    )
+    assert len(text.splitlines()) < 81 + 20  # one line a matrix row (json.dumps(indent=2): 6,700 lines)
+    assert '"iou": [0.5, NaN, 1e-07, -2.0]' in text

@@ -8,8 +8,10 @@ stored 4032 x 3024 with orientation 6 is a 3024 x 4032 portrait).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -159,6 +161,18 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
             "(height x width, as displayed: EXIF orientation applied)"
         )
     return arr
+
+
+_NUM = r"(?:-?\d[\d.eE+-]*|NaN|-?Infinity)"
+# indent=2 puts each element on its own line; strings hold no raw newline, so a bracket inside one never matches
+_NUMBER_LIST = re.compile(r"\[\n\s*(" + _NUM + r"(?:,\n\s*" + _NUM + r")*)\n\s*\]")
+
+
+def dumps_results(obj) -> str:
+    """JSON of evaluation results, indented, with every list of plain numbers on one line (a K x K
+    confusion matrix is K lines, not K^2)."""
+    text = json.dumps(obj, indent=2)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
 
 
 def _umask() -> int:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wsss.build import build_dataset, build_eval_dataset, build_method
 from wsss.config import ConfigError, RunConfig, dump_config
-from wsss.data.io import atomic_write
+from wsss.data.io import atomic_write, dumps_results
 from wsss.data.loader import eval_loader, train_loader
 from wsss.engine import dist
 from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -302,7 +302,7 @@ class Trainer:
             res = self.evaluate(t.max_iters)  # resumed at the end: the final evaluation had not been written
             self._save_best(t.max_iters, res)
         if res is not None and end == t.max_iters and dist.is_main():
-            atomic_write(self.run_dir / "final_eval.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
+            atomic_write(self.run_dir / "final_eval.json", lambda p: Path(p).write_text(dumps_results(res)))
         return res
 
 
