@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from wsss.progress import tty_progress
+
 log = logging.getLogger("wsss")
 
 
@@ -68,11 +70,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     if tuple(ds.classes.names) != tuple(classes.names):
         raise SystemExit(f"dataset classes {ds.classes.names} differ from the checkpoint's {classes.names}")
     loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world_size(), cfg.data.num_workers)
-    progress = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = lambda it: tqdm(it, desc=f"evaluate {split}", dynamic_ncols=True)  # noqa: E731
+    progress = tty_progress(f"evaluate {split}")
     which = tuple(args.which.split(",")) if ds.load_masks else ("tags",)  # no masks: the tag level only
     res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
     out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
@@ -123,11 +121,7 @@ def cmd_predict(args, extra: list[str]) -> int:
     if opts.max_side < 0:
         raise SystemExit(f"wsss predict: --max-side {opts.max_side}: give a positive side in pixels (0: off)")
     earlier = check_outputs(ds.items, out, opts)  # before any work: never replace an input or another's file
-    progress = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = lambda it: tqdm(it, desc="predict", dynamic_ncols=True)  # noqa: E731
+    progress = tty_progress("predict")
     meta = {"run": str(run_dir), "method": cfg.method_name, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
             "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "max_side": opts.max_side, "window": cfg.eval.window,
             "overlap": cfg.eval.overlap}  # fmt: skip

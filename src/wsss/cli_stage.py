@@ -4,8 +4,9 @@ judge the run). Heavy imports stay inside."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from wsss.progress import tty_progress
 
 
 def cmd_pseudo_labels(args, extra: list[str]) -> int:
@@ -38,11 +39,7 @@ def cmd_pseudo_labels(args, extra: list[str]) -> int:
         if any(earlier.get(k) != v for k, v in now.items()):
             raise SystemExit(f"wsss pseudo-labels: {out} holds labels of another run or other settings; "
                              "give another --out")  # fmt: skip
-    progress = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = lambda it: tqdm(it, desc=f"pseudo labels {split}", dynamic_ncols=True)  # noqa: E731
+    progress = tty_progress(f"pseudo labels {split}")
     loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
     recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta,
                                 earlier.get("images", []))  # fmt: skip
@@ -92,11 +89,7 @@ def cmd_report(args, extra: list[str]) -> int:
     """`wsss report`: one HTML page with training curves, per-class scores, confusion matrix and samples."""
     from wsss.viz.run_report import build_report
 
-    progress = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = lambda it: tqdm(it, desc="evaluate", dynamic_ncols=True)  # noqa: E731
-    page = build_report(args.target, args.out or None, args.split, args.samples, args.overwrite, extra, progress)
+    page = build_report(args.target, args.out or None, args.split, args.samples, args.overwrite, extra,
+                        tty_progress("evaluate"))  # fmt: skip
     print(f"report: {page}")
     return 0

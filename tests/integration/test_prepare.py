@@ -60,18 +60,24 @@ def test_prepare_coco_paints_small_objects_on_top_and_maps_ids(tmp_path):
     ]
 
 
-def test_prepare_voc_builds_train_aug_and_labels(tmp_path):
+def _voc_root(tmp_path, val: str, train: str, images: str | list[str], size=(5, 4)):
+    """VOCdevkit/VOC2012 with val/train split lists of one name each and black JPEGs of ``images``."""
     root = tmp_path / "VOCdevkit" / "VOC2012"
     sets = root / "ImageSets" / "Segmentation"
     sets.mkdir(parents=True)
-    (sets / "val.txt").write_text("v1\n")
-    (sets / "train.txt").write_text("t1\n")
-    pal = voc_palette().flatten().tolist()
+    (sets / "val.txt").write_text(val + "\n")
+    (sets / "train.txt").write_text(train + "\n")
     (root / "JPEGImages").mkdir()
+    for n in images:
+        Image.new("RGB", size).save(root / "JPEGImages" / f"{n}.jpg")
+    return root, sets
+
+
+def test_prepare_voc_builds_train_aug_and_labels(tmp_path):
+    root, sets = _voc_root(tmp_path, "v1", "t1", ["v1", "t1", "s1"], size=(4, 4))  # x1: a mask without its image
+    pal = voc_palette().flatten().tolist()
     for name, val in (("v1", 15), ("t1", 8), ("s1", 1), ("x1", 2)):
         write_mask(root / "SegmentationClassAug" / f"{name}.png", np.full((4, 4), val, np.uint8), pal)
-        if name != "x1":  # x1: a mask without its image, left out of train_aug
-            Image.new("RGB", (4, 4)).save(root / "JPEGImages" / f"{name}.jpg")
     assert main(["prepare", "voc", str(root.parent)]) == 0
     assert (sets / "train_aug.txt").read_text().split() == ["s1", "t1"]
     labels = json.loads((root / "cls_labels.json").read_text())
@@ -88,14 +94,7 @@ def _voc_with_sbd(tmp_path):
     """A VOC root (images a, b, c, v; VOC masks for b and v; val = v) and an SBD folder (masks a, b, c)."""
     from scipy.io import savemat
 
-    root = tmp_path / "VOCdevkit" / "VOC2012"
-    sets = root / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (sets / "val.txt").write_text("v\n")
-    (sets / "train.txt").write_text("b\n")
-    (root / "JPEGImages").mkdir()
-    for n in "abcv":
-        Image.new("RGB", (5, 4)).save(root / "JPEGImages" / f"{n}.jpg")
+    root, _ = _voc_root(tmp_path, "v", "b", "abcv")
     pal = voc_palette().flatten().tolist()
     voc_b = np.array([[255, 255, 0, 0, 0], [15, 15, 0, 0, 0], [15, 15, 0, 0, 0], [0, 0, 0, 0, 0]], np.uint8)
     write_mask(root / "SegmentationClass" / "b.png", voc_b, pal)

@@ -32,6 +32,7 @@ from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, 
 from wsss.engine.optim import build_optimizer, set_lr
 from wsss.engine.threads import busy_host_warning, configure_threads, cpu_budget
 from wsss.evaluation.evaluators import format_table, headline, run_evaluation
+from wsss.progress import tty_progress
 from wsss.registry import METHODS
 
 log = logging.getLogger("wsss")
@@ -219,10 +220,7 @@ class Trainer:
         progress = None
         if dist.is_main():
             log.info("iteration %d: evaluating %d images of split %s", it, len(self.val_ds), split)
-            if sys.stderr.isatty():  # large images make an evaluation long: show where it is
-                from tqdm import tqdm
-
-                progress = lambda x: tqdm(x, desc=f"evaluate {split}", leave=False, dynamic_ncols=True)  # noqa: E731
+            progress = tty_progress(f"evaluate {split}", leave=False)  # large images make an evaluation long
         res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which, progress)
         self._log({"iter": it, "split": split, **headline(res)})
         if dist.is_main():

@@ -136,28 +136,20 @@ def plot_confusion(conf: np.ndarray, names: list[str], path: Path) -> np.ndarray
 @torch.no_grad()
 def sample_tiles(method, dataset, device, n: int) -> tuple[list[str], list[list[np.ndarray]], list[str]]:
     """(column titles, rows of (H, W, 3) uint8 tiles, image names) for ``n`` images spread evenly over
-    ``dataset``: image, ground truth (with masks), CAM of the tagged classes and pseudo label (methods with
-    CAMs), prediction."""
-    from wsss.viz import cam_overlay, colorize
+    ``dataset``: the panels of :func:`wsss.viz.report.sample_panels` (image, ground truth with masks, CAM
+    and pseudo label for methods with CAMs, prediction)."""
+    from wsss.viz.report import sample_panels
 
-    pal = dataset.classes.palette
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int))
-    titles = ["image"] + ["ground truth"] * dataset.load_masks + ["CAM", "pseudo label"] * method.has_cams
-    rows, names = [], []
+    titles, rows, names = [], [], []
     for i in picks:
         s = dataset[int(i)]
         x, tags = s["image"][None].to(device), s["tags"][None].to(device)
-        row = [cam_overlay(x[0].cpu(), torch.zeros(x.shape[-2:]), alpha=0.0)]
-        if dataset.load_masks:
-            row.append(colorize(s["mask"], pal))
-        if method.has_cams:
-            cam = method.predict_cams(x, tags)
-            row.append(cam_overlay(x[0].cpu(), (cam * tags[:, :, None, None]).amax(1)[0].cpu()))
-            row.append(colorize(method.pseudo_labels(x, tags, cams=cam)[0].cpu(), pal))
-        row.append(colorize(method.predict_seg(x).max(1).indices[0].cpu(), pal))
-        rows.append([t.permute(1, 2, 0).numpy() for t in row])
+        panels = sample_panels(method, x, tags, s["mask"] if dataset.load_masks else None, dataset.classes.palette)
+        titles = list(panels)
+        rows.append([t.permute(1, 2, 0).numpy() for t in panels.values()])
         names.append(s["name"])
-    return titles + ["prediction"], rows, names
+    return titles, rows, names
 
 
 def plot_samples(titles: list[str], rows: list[list[np.ndarray]], names: list[str], classes, path: Path) -> None:
