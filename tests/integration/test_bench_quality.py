@@ -57,6 +57,18 @@ def test_statistics_and_table_equal_hand_computed_values():
     assert "| fully_supervised (reference) | 2 | - | - | - | 64.00 ± 5.66 | - | - | - |" in table
     # per-class chain of toco: CAM 22, pseudo 27, seg 32 beside the reference's 64 (gap -32)
     assert "| background | 22.0 | 27.0 | 32.0 | 64.0 | -32.0 |" in table
+    assert "Foreground share" not in table  # runs without shares (older evaluations): no table
+
+
+def test_foreground_share_table_equals_hand_computed_values():
+    shares = ({"gt_fg": 0.125, "pseudo_fg": 0.20, "pseudo_band": 0.10, "seg_fg": 0.40},
+              {"gt_fg": 0.125, "pseudo_fg": 0.30, "pseudo_band": 0.14, "seg_fg": 0.50})  # fmt: skip
+    rows = [{"label": "toco", "baseline": None, "reference": False,
+             "runs": {"0": _run(0.30, 0.2, 0.25) | shares[0], "1": _run(0.34, 0.24, 0.29) | shares[1]}}]  # fmt: skip
+    quality = {"command": "c", "commits": [], "seeds": [0, 1], "val_images": 4, "backbone": "b", "weights": "w",
+               "eval": "e", "classes": ["background", "cat"], "rows": rows, "summary": summarize(rows)}  # fmt: skip
+    # means 12.5 / 25 / 12 / 45; sample std of two values a, b is |a - b| / sqrt(2)
+    assert "| toco | 12.5 ± 0.0 | 25.0 ± 7.1 | 12.0 ± 2.8 | 45.0 ± 7.1 |" in render_table(quality)
 
 
 def test_single_seed_difference_is_labelled():
@@ -148,6 +160,8 @@ def test_bench_quality_trains_skips_and_resumes(tmp_path, tiny_args, monkeypatch
         for seed, run in r["runs"].items():
             res = json.loads((out / "runs" / r["label"] / f"seed{seed}" / "final_eval.json").read_text())
             assert run["seg"] == res["seg"]["miou"]
+            assert run["seg_fg"] == res["seg"]["fg_share"]["pred"]
+            assert run.get("pseudo_band") == res.get("pseudo", {}).get("fg_share", {}).get("band")  # none: reference
     toco = quality["rows"][0]["runs"]
     assert toco["0"]["seg"] != toco["1"]["seg"] or toco["0"]["pseudo"] != toco["1"]["pseudo"]  # two seeds ran
     assert (out / "table.md").read_text().startswith("# Quality benchmark")

@@ -158,6 +158,11 @@ def run_seed(cfg, run_dir: Path) -> dict:
         out["cam_oracle"] = res["cam"].get("oracle_sweep", {}).get("best_miou", float("nan"))
     if "pseudo" in res:
         out["pseudo"] = res["pseudo"]["miou"]
+    # Where the seg head paints beyond its labels (evaluations older than these shares have none).
+    for key, src, field in (("gt_fg", "seg", "gt"), ("seg_fg", "seg", "pred"), ("pseudo_fg", "pseudo", "pred"),
+                            ("pseudo_band", "pseudo", "band")):  # fmt: skip
+        if field in res.get(src, {}).get("fg_share", {}):
+            out[key] = res[src]["fg_share"][field]
     return out
 
 

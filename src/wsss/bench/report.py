@@ -16,6 +16,8 @@ import statistics
 
 METRICS = ("cam", "cam_oracle", "pseudo", "seg")
 LABELS = {"cam": "CAM", "cam_oracle": "CAM oracle", "pseudo": "pseudo", "seg": "seg"}
+# Shares of the val pixels: ground-truth foreground, the pseudo labels' foreground and ignore band, seg's foreground.
+SHARES = ("gt_fg", "pseudo_fg", "pseudo_band", "seg_fg")
 
 
 def mean_std(values: list[float]) -> dict:
@@ -57,6 +59,7 @@ def summarize(rows: list[dict]) -> dict:
         runs = r["runs"]
         s = {m: mean_std([run.get(m, float("nan")) for run in runs.values()]) for m in METRICS}
         s["minutes"] = mean_std([run.get("minutes", float("nan")) for run in runs.values()])
+        s["shares"] = {k: mean_std([run.get(k, float("nan")) for run in runs.values()]) for k in SHARES}
         if ref is not None:
             ratios = [runs[k]["seg"] / ref["runs"][k]["seg"] if ref["runs"][k]["seg"] else float("nan")
                       for k in runs if k in ref["runs"]]  # fmt: skip
@@ -116,7 +119,22 @@ def render_table(quality: dict) -> str:
                  _diff_cell(diff) if diff else "-", r.get("baseline") if diff else "-",
                  _pm(s["minutes"], 1.0, 1)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(head + lines + ["", *per_class_tables(quality)])
+    return "\n".join(head + lines + ["", *share_table(quality), *per_class_tables(quality)])
+
+
+def share_table(quality: dict) -> list[str]:
+    """Foreground shares of the val pixels per row (mean ± std over seeds, in %): the ground truth's, the
+    pseudo labels' (labelled foreground, and the ignore band the seg loss never sees) and the seg head's.
+    A seg share above pseudo fg + band is foreground painted where no label asked for it."""
+    rows = [r for r in quality["rows"] if quality["summary"][r["label"]].get("shares", {}).get("seg_fg", {}).get("n")]
+    if not rows:
+        return []
+    out = ["## Foreground share of the val pixels (%)", "",
+           "| run | ground truth | pseudo fg | pseudo band | seg fg |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        sh = quality["summary"][r["label"]]["shares"]
+        out.append(f"| {r['label']} | " + " | ".join(_pm(sh[k], 100.0, 1) for k in SHARES) + " |")
+    return out + [""]
 
 
 def per_class_tables(quality: dict) -> list[str]:

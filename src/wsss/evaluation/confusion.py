@@ -71,3 +71,13 @@ class ConfusionMatrix:
             "mean_acc": float(torch.nanmean(acc)),
             "coverage": float(1 - m[:, self.K].sum() / total) if total > 0 else float("nan"),
         }
+
+    def foreground_shares(self) -> dict:
+        """Shares of the scored pixels (class 0 the background): ``gt_fg`` whose ground truth is foreground,
+        ``fg`` predicted foreground, ``abstain`` with no prediction (a pseudo label's ignore band)."""
+        m = self._m.double()
+        total = float(m.sum())
+        if total == 0:
+            return {"gt_fg": float("nan"), "fg": float("nan"), "abstain": float("nan")}
+        return {"gt_fg": float(m[1:].sum()) / total, "fg": float(m[:, 1 : self.K].sum()) / total,
+                "abstain": float(m[:, self.K].sum()) / total}  # fmt: skip

@@ -41,9 +41,15 @@ class SegEvaluator:
 
     def compute(self) -> dict:
         """Metrics dict (see ConfusionMatrix.compute) plus ``confusion``: (K, K) pixel counts, rows ground truth,
-        columns prediction (for ``wsss report``)."""
+        columns prediction (for ``wsss report``); with a background class, ``fg_share``: the predicted and
+        the ground-truth foreground shares of the scored pixels (a head painting beyond the objects shows
+        here before it shows in the IoU)."""
         cm = self.cm.reduce()
-        return {**cm.compute(), "confusion": cm.mat.tolist()}
+        out = {**cm.compute(), "confusion": cm.mat.tolist()}
+        if self.classes.background:
+            sh = cm.foreground_shares()
+            out["fg_share"] = {"pred": sh["fg"], "gt": sh["gt_fg"]}
+        return out
 
 
 class CAMEvaluator:
@@ -107,7 +113,11 @@ class PseudoLabelEvaluator:
         prec_iou = tp / (answered.sum(1) + answered.sum(0) - tp)  # 255 pixels left out entirely
         excl = {"miou": float(torch.nanmean(prec_iou)), "coverage": ex["coverage"], "iou": prec_iou.tolist()}
         main = self.as_bg.reduce().compute() if self.classes.background else ex
-        return dict(main, ignored_excluded=excl)
+        out = dict(main, ignored_excluded=excl)
+        if self.classes.background:  # labelled foreground and the ignore band, apart
+            sh = self.excl.foreground_shares()
+            out["fg_share"] = {"pred": sh["fg"], "gt": sh["gt_fg"], "band": sh["abstain"]}
+        return out
 
 
 class TagEvaluator:
@@ -239,6 +249,11 @@ def format_table(results: dict, classes: ClassSpec) -> str:
         lines.append(
             f"pseudo labels with 255 excluded: mIoU {100 * e['miou']:.2f} at coverage {100 * e['coverage']:.1f}%"
         )
+    shares = [(k, results[k]["fg_share"]) for k in ("seg", "pseudo") if "fg_share" in results.get(k, {})]
+    if shares:
+        parts = [f"ground truth {100 * shares[0][1]['gt']:.1f}%"] + [f"{k} {100 * sh['pred']:.1f}%" for k, sh in shares]
+        parts += [f"pseudo band {100 * sh['band']:.1f}%" for k, sh in shares if k == "pseudo"]
+        lines.append("foreground pixels: " + ", ".join(parts))
     return "\n".join(lines)
 
 
