@@ -75,12 +75,13 @@ def test_memory_bank_momentum_update_and_state_dict_round_trip():
     assert torch.equal(other.feats, bank.feats) and other.ptr.tolist() == [1] and other.count.tolist() == [2]
 
 
-def _temporal(enqueue_thre=0.7):
+def _temporal(enqueue_thre=0.7, uncertain_anchors=True):
     host = SimpleNamespace(backbone=SimpleNamespace(embed_dim=4), classes=ClassSpec(("a", "b")),
                            cfg=SimpleNamespace(high_thre=0.7, low_thre=0.25))  # fmt: skip
     torch.manual_seed(0)
-    mod = TemporalContrast(TemporalContrast.Config(size=4, dim=3, enqueue_thre=enqueue_thre, min_entries=1), host)
-    return mod
+    cfg = TemporalContrast.Config(size=4, dim=3, enqueue_thre=enqueue_thre, min_entries=1,
+                                  uncertain_anchors=uncertain_anchors)  # fmt: skip
+    return TemporalContrast(cfg, host)
 
 
 def _state(logits):
@@ -116,6 +117,13 @@ def test_temporal_bank_takes_only_confident_regions_of_confident_classes():
     assert loss.item() > 0
     loss.backward()
     assert mod.proj.net[0].weight.grad.abs().sum() > 0
+    # The default leaves the band out: the one anchor left is the confident region, at weight 0.
+    assert not TemporalContrast.Config().uncertain_anchors
+    off = _temporal(uncertain_anchors=False)
+    off.losses(_state([3.0, 3.0]))
+    off.on_step_end(0)
+    off.bank.push(_e(0, 0, 1), torch.tensor([1]))
+    assert off.losses(_state([3.0, 3.0]))["mem"][1].item() == 0.0
 
 
 def _spatial(**kw):
