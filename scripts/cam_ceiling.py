@@ -77,6 +77,7 @@ def probe(train, val, pool: str, classes, epochs: int) -> dict[float, float]:
 
 
 def main() -> None:
+    """Parse the options, then print one line per side, block and pooling."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="recipe naming the data and the backbone")
     ap.add_argument("--sides", default="112", help="comma list of input sides")
@@ -87,6 +88,8 @@ def main() -> None:
     m = cfg.model
     dtr, dva = build_eval_dataset(cfg, cfg.data.train_split), build_eval_dataset(cfg, cfg.data.val_split)
     classes = dva.classes
+    if not classes.background or not dva.load_masks:
+        raise SystemExit(f"{cfg.data.root}: the probe needs a background class and masks for the val split")
     for side in (int(s) for s in args.sides.split(",")):
         # position embeddings resampled once, from the weights' grid straight to this side's
         bb = ViTBackbone(m.backbone, m.weights, side).eval()

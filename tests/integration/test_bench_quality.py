@@ -160,8 +160,9 @@ def test_bench_quality_trains_skips_and_resumes(tmp_path, tiny_args, monkeypatch
         for seed, run in r["runs"].items():
             res = json.loads((out / "runs" / r["label"] / f"seed{seed}" / "final_eval.json").read_text())
             assert run["seg"] == res["seg"]["miou"]
-            assert run["seg_fg"] == res["seg"]["fg_share"]["pred"]
-            assert run.get("pseudo_band") == res.get("pseudo", {}).get("fg_share", {}).get("band")  # none: reference
+            assert run["seg_fg"] == res["seg"]["fg_share"]["pred"] and run["gt_fg"] == res["seg"]["fg_share"]["gt"]
+            pseudo = res.get("pseudo", {}).get("fg_share", {})  # none for the reference
+            assert (run.get("pseudo_fg"), run.get("pseudo_band")) == (pseudo.get("pred"), pseudo.get("band"))
     toco = quality["rows"][0]["runs"]
     assert toco["0"]["seg"] != toco["1"]["seg"] or toco["0"]["pseudo"] != toco["1"]["pseudo"]  # two seeds ran
     assert (out / "table.md").read_text().startswith("# Quality benchmark")

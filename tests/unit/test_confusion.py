@@ -53,22 +53,22 @@ def test_foreground_shares_count_band_and_background_apart():
     from wsss.data.classes import ClassSpec
     from wsss.evaluation.evaluators import PseudoLabelEvaluator, SegEvaluator, format_table
 
-    # 8 scored pixels (one ignored): ground truth 3 foreground; a pseudo label with 2 foreground, 3 band (255)
-    target = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 2, 255]])
-    pseudo = torch.tensor([[0, 255, 255, 0, 1, 1, 255, 2, 1]])
+    # 8 scored pixels (one ignored): ground truth 4 foreground; the pseudo label 3 foreground, 2 band (255)
+    target = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 255]])
+    pseudo = torch.tensor([[0, 255, 0, 0, 1, 1, 255, 2, 1]])
     cm = ConfusionMatrix(3)
     cm.update(pseudo, target)
-    assert cm.foreground_shares() == {"gt_fg": 3 / 8, "fg": 3 / 8, "abstain": 3 / 8}
+    assert cm.foreground_shares() == {"gt_fg": 4 / 8, "fg": 3 / 8, "abstain": 2 / 8}
     classes = ClassSpec(("cat", "dog"), background=True)
     ev = PseudoLabelEvaluator(classes)
     ev.process({"mask": target}, {"pseudo": pseudo})
     res_pseudo = ev.compute()
-    assert res_pseudo["fg_share"] == {"pred": 3 / 8, "gt": 3 / 8, "band": 3 / 8}
+    assert res_pseudo["fg_share"] == {"pred": 3 / 8, "gt": 4 / 8, "band": 2 / 8}
     seg = torch.tensor([[1, 1, 1, 0, 0, 1, 2, 2, 0]])  # paints three background pixels as foreground
     ev = SegEvaluator(classes)
     ev.process({"mask": target}, {"seg": torch.nn.functional.one_hot(seg, 3).permute(0, 2, 1).float()[:, :, None]})
     res_seg = ev.compute()
-    assert res_seg["fg_share"] == {"pred": 6 / 8, "gt": 3 / 8}
+    assert res_seg["fg_share"] == {"pred": 6 / 8, "gt": 4 / 8}
     table = format_table({"seg": res_seg, "pseudo": res_pseudo}, classes)
-    assert table.splitlines()[-1] == "foreground pixels: ground truth 37.5%, seg 75.0%, pseudo 37.5%, pseudo band 37.5%"
+    assert table.splitlines()[-1] == "foreground pixels: ground truth 50.0%, seg 75.0%, pseudo 37.5%, pseudo band 25.0%"
     assert "fg_share" not in SegEvaluator(ClassSpec(("cat", "dog"), background=False)).compute()

@@ -18,11 +18,11 @@ representations", is most plausibly ToCo's own patch-token contrast (PTC) and cl
   ``class_bank`` latest class embeddings of earlier steps: within one micro-batch a class rarely
   repeats, and the in-batch SupCon this replaces was exactly 0 whenever none did.
 - ``temporal_contrast``: its own projector; per image and present class, a *confident* region
-  embedding (mean over tokens labelled with the class) and, with ``uncertain_anchors`` (off by
-  default), an *uncertain* one (tokens in the ignore band whose strongest present-class aux CAM is
-  that class). Pulling the band towards a foreground memory is what the seg head already does wrong
-  (it paints the band as foreground), and on the bench recipe (3 seeds) leaving those anchors out
-  raised CAM and seg on every seed (docs/benchmarks.md). The anchors feed the adaptive memory contrast
+  embedding (mean over tokens labelled with the class) and, with ``uncertain_anchors``, an *uncertain*
+  one (tokens in the ignore band whose strongest present-class aux CAM is that class: the fine-grained
+  regions the paper's adaptive loss targets; our reading). The bench recipe leaves the uncertain ones
+  out: on its 3 seeds that gave higher CAM and seg on every seed, by +0.56 to +6.45 seg
+  (docs/benchmarks.md); the paper recipes keep them. The anchors feed the adaptive memory contrast
   (:func:`wsss.losses.contrast.memory_contrast`: InfoNCE against the bank, each anchor weighted by
   ``(1 - mean positive cosine) ** gamma``). The bank (:class:`ClassMemoryBank`, ``size`` per class) is
   written only with detached *confident* region embeddings of classes whose predicted probability
@@ -129,8 +129,7 @@ class TemporalContrast(PipelineModule):
         momentum: float = 0.0  # 0: FIFO queues; m > 0: momentum update of filled slots
         min_entries: int = 4  # a class joins the loss once its queue holds this many entries
         warmup: int = 0  # iterations before the loss starts (the bank fills from the start)
-        # also pull uncertain-band regions towards their class memory (off: lower CAM and seg on every bench seed)
-        uncertain_anchors: bool = False
+        uncertain_anchors: bool = True  # also pull uncertain-band regions towards their class memory
 
     def __init__(self, cfg: Config, host) -> None:
         super().__init__(cfg, host)
