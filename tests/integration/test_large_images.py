@@ -71,7 +71,7 @@ def test_data_check_warns_about_large_images_and_names_the_knob(tmp_path, capsys
                  "--data.max_side", "-1", "--run-dir", str(tmp_path / "r"), *TINY]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "wsss: error: data.max_side must be >= 0 (0: off), got -1"  # refused before any training
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r").exists()  # not even config.yaml: the trainer never started
 
 
 def test_training_evaluation_shows_progress_on_a_terminal(tmp_path, capsys, monkeypatch):

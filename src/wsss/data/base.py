@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, fit_side, image_size, read_image, read_mask
+from wsss.data.io import DataError, check_mask_size, fit_side, image_size, read_image, read_mask
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,10 @@ class SegDataset(Dataset):
         labels exported under the same max_side) is taken as it is."""
         if not self.max_side:
             return read_mask(it.mask, hw)
-        full = image_size(it.image)
-        if full == hw:
-            return read_mask(it.mask, hw)
-        m = read_mask(it.mask)
+        m = read_mask(it.mask)  # decoded once: this runs for every training sample
         if m.shape == hw:
             return m
-        m = read_mask(it.mask, full)  # a wrong size fails here, with the message naming both sizes
+        check_mask_size(it.mask, m, image_size(it.image))  # neither size: the message names both
         return np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
 
 

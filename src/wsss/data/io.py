@@ -155,12 +155,18 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
         raise DataError(f"{path}: mask file is missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
-    if size is not None and tuple(arr.shape) != tuple(size):
+    if size is not None:
+        check_mask_size(path, arr, size)
+    return arr
+
+
+def check_mask_size(path: str | Path, mask: np.ndarray, size: tuple[int, int]) -> None:
+    """Raise DataError naming both sizes unless ``mask`` (H, W) read from ``path`` is its image's (H, W)."""
+    if tuple(mask.shape) != tuple(size):
         raise DataError(
-            f"{path}: mask is {arr.shape[0]}x{arr.shape[1]} but its image is {size[0]}x{size[1]} "
+            f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is {size[0]}x{size[1]} "
             "(height x width, as displayed: EXIF orientation applied)"
         )
-    return arr
 
 
 _NUM = r"(?:-?\d[\d.eE+-]*|NaN|-?Infinity)"
