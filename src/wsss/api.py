@@ -55,18 +55,22 @@ def load_run(target: str | Path, overrides: list[str] | tuple[str, ...] = (), de
         raise CheckpointError(f"{cfg_path}: no config.yaml next to the checkpoint (give a run directory)")
     cfg = load_config(cfg_path, ["--model.weights", "none", *overrides])
     st = load_checkpoint(ckpt)
+    if not isinstance(st.get("classes"), list):
+        raise CheckpointError(f"{ckpt}: has no class list (not a checkpoint wsss wrote)")
     classes = ClassSpec(tuple(st["classes"]), background=bool(st["background"]))
-    method, dev = _instantiate(cfg, classes, st["model"], device)
+    method, dev = _instantiate(cfg, classes, st["model"], device, ckpt)
     return cfg, method, classes, dev, run_dir
 
 
-def _instantiate(cfg, classes: ClassSpec, state: dict, device: str | None):
-    """(method in eval mode on its device, device) built from ``cfg`` with the weights ``state``."""
+def _instantiate(cfg, classes: ClassSpec, state: dict, device: str | None, source: Path):
+    """(method in eval mode on its device, device) built from ``cfg`` with the weights ``state`` (read from
+    ``source``, named in errors)."""
     from wsss.build import build_method
+    from wsss.engine.checkpoint import load_weights
     from wsss.engine.trainer import pick_device
 
     method = build_method(cfg, classes)
-    method.load_state_dict(state)
+    load_weights(method, state, source)
     dev = pick_device(device or cfg.train.device)
     method.to(dev).eval()
     return method, dev
@@ -85,7 +89,7 @@ def _load_export(path: Path, overrides, device):
         (Path(d) / "config.yaml").write_text(meta["config"])
         cfg = load_config(Path(d) / "config.yaml", ["--model.weights", "none", *overrides])
     classes = ClassSpec(tuple(json.loads(meta["classes"])), background=bool(json.loads(meta["background"])))
-    method, dev = _instantiate(cfg, classes, state, device)
+    method, dev = _instantiate(cfg, classes, state, device, path)
     return cfg, method, classes, dev, path.parent
 
 

@@ -28,7 +28,12 @@ def cmd_train(args, extra: list[str]) -> int:
     from wsss.config import dump_config, load_config
 
     if args.resume:
+        if args.config or args.overwrite or args.run_dir:
+            raise SystemExit("wsss train: --resume continues a run with its own config.yaml; --config, --run-dir "
+                             "and --overwrite do not apply (overrides such as --train.max_iters N do)")  # fmt: skip
         run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir / 'config.yaml'}: no run to resume here")
         cfg = load_config(run_dir / "config.yaml", extra)
     else:
         if not args.config:
@@ -42,10 +47,13 @@ def cmd_train(args, extra: list[str]) -> int:
 
     if not args.resume:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
-    if args.resume:  # overrides given at resume (e.g. a longer schedule) are part of the record
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+    if args.resume and extra:  # overrides given at resume (e.g. a longer schedule) are part of the record
         if dist.is_main():
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
+            from wsss.data.io import atomic_write
+
+            text = dump_config(cfg)
+            atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(text))
     log.info("run directory: %s", run_dir)
     trainer.fit(stop_at=args.stop_at)
     dist.cleanup()
@@ -61,6 +69,10 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     from wsss.evaluation.evaluators import format_table, run_evaluation
 
     cfg, method, classes, device, run_dir = load_run(args.target, extra)
+    from wsss.data.io import atomic_write, dumps_results, ensure_writable
+
+    out = Path(args.out) if args.out else run_dir / f"eval_{args.split or cfg.eval.split or cfg.data.val_split}.json"
+    ensure_writable(out.parent)  # before the evaluation, not after it
     device = dist.init_from_env(device)  # under torchrun each rank scores its shard; matrices are summed
     method.to(device)
     split = args.split or cfg.eval.split or cfg.data.val_split
@@ -73,12 +85,9 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     progress = tty_progress(f"evaluate {split}")
     which = tuple(args.which.split(",")) if ds.load_masks else ("tags",)  # no masks: the tag level only
     res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
-    out = Path(args.out) if args.out else run_dir / f"eval_{split}.json"
     report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
               "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "window": cfg.eval.window, "overlap": cfg.eval.overlap,
               "classes": list(classes.seg_names), "results": res}  # fmt: skip
-    from wsss.data.io import atomic_write, dumps_results
-
     if not dist.is_main():
         dist.cleanup()
         return 0
@@ -167,11 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     from wsss.cli_stage import cmd_export, cmd_pseudo_labels, cmd_report
 
     p = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its one line")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a method (dotted overrides such as --train.max_iters 100 follow)")
     t.add_argument("--config", help="recipe: a YAML file, or a packaged recipe's name (demo/toco; wsss list recipes)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     t.add_argument("--run-dir", help="output directory (default: train.out_dir/<method>-<dataset>-<time>)")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --run-dir (without "
+                   "it such a directory is refused; --resume continues it)")  # fmt: skip
     t.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     t.add_argument(
         "--stop-at",
@@ -292,11 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     from wsss.config import ConfigError
     from wsss.data.io import DataError
     from wsss.engine.checkpoint import CheckpointError
+    from wsss.engine.guard import TrainingError
+    from wsss.engine.rundir import RunDirError
 
     try:
         return args.fn(args, extra)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, RunDirError, TrainingError, FileNotFoundError) as e:
+        if args.debug:
+            raise
         print(f"wsss: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except PermissionError as e:  # e.g. an output folder that is read-only: the file and the reason, no traceback
+        if args.debug:
+            raise
+        print(f"wsss: error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `wsss list backbones | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again

@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
 
 
+def _at_least(cfg, section: str, **lows: int) -> None:
+    """ConfigError naming the first field of ``cfg`` below its lowest allowed value in ``lows``."""
+    for name, low in lows.items():
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"config key '{section}.{name}' must be a number >= {low}, got {v!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data is and how training crops are made."""
@@ -50,10 +58,18 @@ class DataConfig:
     # a directory of <name>.png label masks (255 ignored) read for the train split instead of the dataset's
     # own, e.g. `wsss pseudo-labels` output for a second stage; the val split keeps its ground truth
     mask_dir: str = ""
+    # training images that fail to decode (changed after the start-up check) are replaced by the next image,
+    # with a warning, up to this many per loader process; then the run stops (0: stop at the first)
+    max_bad_images: int = 10
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"config key 'data.holdout' must be in [0, 1), got {self.holdout!r}")
+        _at_least(self, "data", crop_size=1, num_workers=0, max_val_images=0, max_bad_images=0)
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got "
+                              f"{list(self.scale_range)}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,12 @@ class OptimConfig:
     warmup_lr: float = 1e-6
     grad_clip: float = 0.0  # 0: off
 
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or not self.warmup_lr >= 0 or not self.grad_clip >= 0 or not self.weight_decay >= 0:
+            raise ConfigError(f"config keys optim.lr must be > 0 and optim.warmup_lr, grad_clip, weight_decay >= 0; "
+                              f"got {self.lr}, {self.warmup_lr}, {self.grad_clip}, {self.weight_decay}")  # fmt: skip
+        _at_least(self, "optim", warmup_iters=0)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -103,6 +125,15 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""  # empty: <method>-<dataset>-<time>
     tensorboard: bool = False
+    # checkpoints kept: last.pt plus, above 1, the newest keep_last - 1 earlier ones as iter_NNNNNN.pt (a run
+    # whose weights went bad before its loss did can go back to one of them)
+    keep_last: int = 1
+    # consecutive optimizer steps with a non-finite loss or gradient (each skipped) before the run stops
+    nan_patience: int = 5
+
+    def __post_init__(self) -> None:
+        _at_least(self, "train", max_iters=1, batch_size=1, micro_batch=0, log_every=1, ckpt_every=1, eval_every=-1,
+                  threads=0, keep_last=1, nan_patience=1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -186,6 +217,8 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, prefix: str) -> An
         values: its fields as a (possibly nested) dict.
         prefix: dotted path of this section, for error messages.
     """
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix}' is a section: give its keys (--{prefix}.KEY VALUE), got {values!r}")
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -220,9 +253,10 @@ def _extends(name: str, base_name: str) -> bool:
         return False  # an unknown name is reported by resolve()
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe (a file, or a packaged recipe's name such as ``bench/toco``: see ``wsss.recipes``); a
-    ``_base_`` key (path relative to the file) is loaded first and merged under it."""
+    ``_base_`` key (path relative to the file) is loaded first and merged under it (``_chain``: the files
+    that named this one, to refuse a cycle)."""
     from wsss.recipes import close_names, find_recipe
 
     found = find_recipe(path)
@@ -231,15 +265,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         hint = f"; packaged recipes like it: {', '.join(near)}" if near else "; `wsss list recipes` lists the packaged"
         raise ConfigError(f"{path}: config file not found (neither a file nor a packaged recipe){hint}")
     path = found
+    if path.resolve() in _chain:
+        raise ConfigError(f"{path}: _base_ cycle ({' -> '.join(p.name for p in (*_chain, path.resolve()))})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("_base_", None)
     if base:
-        base_data = read_yaml((path.parent / base).resolve())  # the file's own neighbour, never a packaged name
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: _base_ must be a file name, got {base!r}")
+        # the file's own neighbour, never a packaged name
+        base_data = read_yaml((path.parent / base).resolve(), (*_chain, path.resolve()))
         # A recipe that names another method replaces the base's method section instead of merging into
         # it, unless that method extends the base's (cpf_cte on toco): then it inherits the settings.
         name = (data.get("method") or {}).get("name")
@@ -301,6 +342,9 @@ def resolve(data: dict[str, Any]) -> RunConfig:
     from wsss.registry import METHODS
 
     data = dict(data)
+    if not isinstance(data.get("method") or {}, dict):
+        raise ConfigError(f"config key 'method' is a section: give its keys (--method.KEY VALUE), got "
+                          f"{data['method']!r}")  # fmt: skip
     method_sec = dict(data.pop("method", None) or {})
     name = method_sec.pop("name", "toco")
     try:

@@ -59,7 +59,8 @@ def test_resume_keeps_the_best_score_of_best_pt(demo_root, tmp_path):
     assert tr.best == {"seg_miou": 2.0, "iter": 4}
     tr.fit()
     assert load_checkpoint(best)["best"] == {"seg_miou": 2.0, "iter": 4}
-    assert main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), *args, "--stop-at", "1"]) == 0
+    assert main(["train", "--config", "configs/bench/toco.yaml", "--run-dir", str(run), *args, "--stop-at", "1",
+                 "--overwrite"]) == 0  # fmt: skip
     assert not best.exists()  # a fresh run in the directory drops the earlier run's best.pt
 
 

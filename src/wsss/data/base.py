@@ -7,6 +7,7 @@ Masks are loaded only when asked (evaluation, fully supervised training), never 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, check_mask_size, fit_side, image_size, read_image, read_mask
+from wsss.data.io import DataError, check_mask_size, check_mask_values, fit_side, image_size, read_image, read_mask
+
+log = logging.getLogger("wsss")
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,28 @@ class SegDataset(Dataset):
         """Displayed (H, W) of image ``idx`` from its file header (no decode): what evaluation batches by."""
         return fit_side(image_size(self.items[idx].image), self.max_side)
 
+    skip_bad = 0  # training sets it (data.max_bad_images): unreadable images replaced by the next, up to this many
+    _bad: frozenset = frozenset()
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """The sample of ``key`` (index, or (index, augmentation seed)); with ``skip_bad`` an image that fails to
+        decode (changed since the start-up check) is replaced by the next one, with a warning naming it."""
         idx, seed = key if isinstance(key, tuple) else (key, idx_seed(key))
+        while True:
+            try:
+                return self._sample(idx, seed)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self._bad = self._bad | {self.items[idx].name}
+                if len(self._bad) > self.skip_bad:
+                    raise DataError(f"{e} ({len(self._bad)} unreadable images, over data.max_bad_images "
+                                    f"{self.skip_bad})") from None  # fmt: skip
+                log.warning("%s: skipped, the next image is used instead (%d unreadable in this loader process, at "
+                            "most data.max_bad_images %d)", e, len(self._bad), self.skip_bad)  # fmt: skip
+                idx = (idx + 1) % len(self.items)
+
+    def _sample(self, idx: int, seed: int) -> dict:
         it = self.items[idx]
         img = read_image(it.image, self.max_side)
         mask = self._mask(it, img.shape[:2]) if self.load_masks else None
@@ -83,14 +106,16 @@ class SegDataset(Dataset):
     def _mask(self, it: Item, hw: tuple[int, int]) -> np.ndarray:
         """(H, W) mask of ``it`` at the size its image was read at: a mask at the file's full size is
         downscaled (nearest) when ``max_side`` shrank the image; one already at the read size (pseudo
-        labels exported under the same max_side) is taken as it is."""
+        labels exported under the same max_side) is taken as it is. Values must be class indices or 255."""
         if not self.max_side:
-            return read_mask(it.mask, hw)
-        m = read_mask(it.mask)  # decoded once: this runs for every training sample
-        if m.shape == hw:
-            return m
-        check_mask_size(it.mask, m, image_size(it.image))  # neither size: the message names both
-        return np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
+            m = read_mask(it.mask, hw)
+        else:
+            m = read_mask(it.mask)  # decoded once: this runs for every training sample
+            if m.shape != hw:
+                check_mask_size(it.mask, m, image_size(it.image))  # neither size: the message names both
+                m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
+        check_mask_values(it.mask, m, self.classes.K, self.classes.ignore_index)
+        return m
 
 
 def idx_seed(idx: int) -> int:

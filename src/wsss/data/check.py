@@ -5,10 +5,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, inspect_image, read_mask
+from wsss.data.io import WIDE_MODES, DataError, check_mask_values, image_header, inspect_image, read_mask
 from wsss.data.voc import LAYOUTS, classes_for_root, is_coco_root, mask_dir, read_cls_labels, voc_root
 
 LARGE_SIDE = 2048  # beyond this a ViT's whole-image evaluation runs out of time or memory on most machines
+
+
+def preflight(ds, progress=None) -> list[str]:
+    """The fast pass ``wsss train`` makes over a dataset before iteration 1: every image's and (when the
+    split is read with masks) every mask's header is opened, nothing is decoded. Returns one message per
+    problem: missing or unreadable files, decompression bombs, 16/32-bit images, masks that are not
+    palette/grey PNGs or not their image's displayed size. (Truncated pixel data shows only on decode:
+    ``wsss data check`` decodes; training skips such an image with a warning.)"""
+    problems = []
+    items = ds.items if progress is None else progress(ds.items)
+    for it in items:
+        try:
+            mode, size = image_header(it.image)
+            if mode in WIDE_MODES:
+                raise DataError(f"{it.image}: {mode} (16/32-bit) image; convert it to 8-bit RGB")
+            if ds.load_masks and it.mask is not None:
+                mode, msize = image_header(it.mask, "mask")
+                if mode not in ("P", "L"):
+                    raise DataError(f"{it.mask}: mask is {mode}; expected a palette or single-channel PNG of label "
+                                    "indices")  # fmt: skip
+                if msize != size:
+                    raise DataError(f"{it.mask}: mask is {msize[0]}x{msize[1]} but its image is {size[0]}x{size[1]} "
+                                    "(height x width, as displayed: EXIF orientation applied)")  # fmt: skip
+        except DataError as e:
+            problems.append(str(e))
+    return problems
 
 
 def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
@@ -27,7 +53,7 @@ def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> lis
                         f"size; --data.max_side {LARGE_SIDE} reads it downscaled"))  # fmt: skip
         if mask is not None and mask.is_file() and size is not None:
             try:
-                read_mask(mask, size)
+                check_mask_values(mask, read_mask(mask, size), classes.K, classes.ignore_index)
             except DataError as e:
                 out.append(("error", str(e)))
     return out

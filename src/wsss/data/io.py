@@ -48,18 +48,35 @@ def _upright(im: Image.Image) -> Image.Image:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """Displayed (H, W) of an image file from its header (no decode); DataError when it cannot be opened."""
+    return image_header(path)[1]
+
+
+def image_header(path: str | Path, what: str = "image") -> tuple[str, tuple[int, int]]:
+    """(mode, displayed (H, W)) of an image file from its header (no decode); DataError naming ``path``
+    (as an ``what`` file) when it is missing, unreadable or declares too many pixels."""
     path = Path(path)
     try:
         with Image.open(path) as im:
-            return displayed_size(im)
+            return im.mode, displayed_size(im)
     except FileNotFoundError:
-        raise DataError(f"{path}: image file is missing") from None
+        raise DataError(f"{path}: {what} file is missing") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(_bomb(path, e)) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: corrupt or unreadable {what} ({type(e).__name__}: {e})") from None
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the problem."""
+
+
+def _bomb(path: Path, e: Exception) -> str:
+    """The one-line message for an image whose header declares more pixels than Pillow's safety limit."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    count = f"{int(m.group(1)) / 1e6:.0f} M pixels" if m else "too many pixels"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6  # Pillow refuses at twice its warning threshold
+    return (f"{path}: its header declares {count}, over Pillow's limit of {limit:.0f} M (a decompression bomb, or a "
+            "huge scan: downscale it before use)")  # fmt: skip
 
 
 def image_problem(path: str | Path) -> tuple[str, str] | None:
@@ -79,6 +96,8 @@ def inspect_image(path: str | Path) -> tuple[tuple[str, str] | None, tuple[int, 
         with Image.open(path) as im:
             mode, size, turn = im.mode, displayed_size(im), orientation(im)
             im.load()
+    except Image.DecompressionBombError as e:
+        return ("error", _bomb(path, e)), None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         return ("error", f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})"), None
     prob = _mode_problem(path, mode)
@@ -133,6 +152,8 @@ def read_image(path: str | Path, max_side: int = 0) -> np.ndarray:
             return np.asarray(up.resize((target[1], target[0]), Image.BILINEAR, reducing_gap=3.0))
     except FileNotFoundError:
         raise DataError(f"{path}: image file is missing") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(_bomb(path, e)) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
@@ -153,6 +174,8 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
             arr = np.asarray(_upright(im))
     except FileNotFoundError:
         raise DataError(f"{path}: mask file is missing") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(_bomb(path, e)) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
     if size is not None:
@@ -167,6 +190,17 @@ def check_mask_size(path: str | Path, mask: np.ndarray, size: tuple[int, int]) -
             f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is {size[0]}x{size[1]} "
             "(height x width, as displayed: EXIF orientation applied)"
         )
+
+
+def check_mask_values(path: str | Path, mask: np.ndarray, num_classes: int, ignore: int = 255) -> None:
+    """Raise DataError naming the values of ``mask`` (H, W) that are neither a class index below
+    ``num_classes`` nor ``ignore`` (a mask drawn for another class list, or saved with colours)."""
+    bad = (mask >= num_classes) & (mask != ignore)
+    if bad.any():
+        vals = np.unique(mask[bad])
+        shown = ", ".join(str(int(v)) for v in vals[:6]) + (" ..." if len(vals) > 6 else "")
+        raise DataError(f"{path}: mask values {shown} are not class indices (0-{num_classes - 1}, {ignore} ignored): "
+                        f"{int(bad.sum())} pixels; a mask of another class list, or one saved in colour")  # fmt: skip
 
 
 _NUM = r"(?:-?\d[\d.eE+-]*|NaN|-?Infinity)"
@@ -205,6 +239,21 @@ def atomic_write(path: str | Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` (and its parents) and check that files can be made in it, before any long work;
+    a DataError naming it otherwise (read-only, a file in the way, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".wsss-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise DataError(f"{e.filename or folder}: cannot write output there ({why})") from None
+    return folder
 
 
 def write_mask(path: str | Path, mask: np.ndarray, palette: tuple[int, ...] | list[int]) -> None:

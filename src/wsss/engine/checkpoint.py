@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +47,60 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
 
+def save_rotating(ckpt_dir: str | Path, state: dict, it: int, keep: int) -> Path:
+    """Write ``ckpt_dir/last.pt``; with ``keep`` > 1 the checkpoint is written as ``iter_NNNNNN.pt``, the
+    newest ``keep`` of those are kept, and last.pt is a hard link to the newest (no second copy on disk;
+    a copy where links are not supported), replaced atomically. Returns last.pt's path."""
+    ckpt_dir = Path(ckpt_dir)
+    last = ckpt_dir / "last.pt"
+    if keep <= 1:
+        save_checkpoint(last, state)
+        return last
+    named = ckpt_dir / f"iter_{it:06d}.pt"
+    save_checkpoint(named, state)
+    tmp = ckpt_dir / f".last.pt.{os.getpid()}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(named, tmp)
+    except OSError:
+        shutil.copyfile(named, tmp)
+    os.replace(tmp, last)
+    named_ckpts = sorted(ckpt_dir.glob("iter_*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    for old in named_ckpts[:-keep]:
+        old.unlink()
+    return last
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``); a CheckpointError
+    for a missing, empty, truncated or foreign file, or one without the ``model`` weights (a bare state_dict)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        st = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{path}: not a readable wsss checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable wsss checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(st, dict) or not isinstance(st.get("model"), dict):
+        raise CheckpointError(f"{path}: not a wsss checkpoint (no 'model' weights: a bare state_dict or another "
+                              "program's file); give a run directory or a checkpoint wsss wrote")  # fmt: skip
+    return st
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """``checkpoints/last.pt`` of a run directory, or None."""
-    p = Path(run_dir) / "checkpoints" / "last.pt"
-    return p if p.is_file() else None
+def load_weights(module: torch.nn.Module, state: dict, source: str | Path) -> None:
+    """``module.load_state_dict(state)`` with a one-line CheckpointError naming ``source`` when the weights
+    do not fit (another backbone, class count or module list) instead of PyTorch's multi-line report."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        example = (f"'{shapes[0]}' is {tuple(state[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here"
+                   if shapes else f"e.g. '{(missing or unexpected)[0]}'")  # fmt: skip
+        raise CheckpointError(f"{source}: its weights do not fit this model ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected, {len(shapes)} of another shape; {example}): it was trained with another "
+                              "backbone, class count or module list")  # fmt: skip
+    module.load_state_dict(state)

@@ -25,11 +25,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wsss.build import build_dataset, build_eval_dataset, build_method
 from wsss.config import ConfigError, RunConfig, dump_config
-from wsss.data.io import atomic_write, dumps_results
+from wsss.data.io import DataError, atomic_write, dumps_results, ensure_writable
 from wsss.data.loader import eval_loader, train_loader
 from wsss.engine import dist
-from wsss.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from wsss.engine.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    save_rotating,
+    set_rng_state,
+)
+from wsss.engine.guard import NonFiniteGuard, TrainingError, params_finite
 from wsss.engine.optim import build_optimizer, set_lr
+from wsss.engine.rundir import RunDirError, prepare_new_run, remove_temporaries, trim_metrics
 from wsss.engine.threads import busy_host_warning, configure_threads, cpu_budget
 from wsss.evaluation.evaluators import format_table, headline, run_evaluation
 from wsss.progress import tty_progress
@@ -50,10 +59,18 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; a ConfigError for a device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key 'train.device': unknown device {name!r} (auto | cpu | cuda | cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'train.device': {name} but this machine has no usable CUDA GPU (auto or cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"config key 'train.device': {name} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -105,11 +122,18 @@ class Trainer:
         cfg: resolved RunConfig.
         run_dir: output directory (config.yaml, env.json, metrics.jsonl, checkpoints/).
         resume: continue an interrupted run.
+        overwrite: a new run may replace the trainer's files of an earlier run in ``run_dir`` (without it,
+            such a directory is refused: :mod:`wsss.engine.rundir`).
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        if resume and not (self.run_dir / "checkpoints" / "last.pt").is_file():
+            raise RunDirError(f"{self.run_dir}: no checkpoints/last.pt to resume from (a run stopped before its first "
+                              "checkpoint starts again without --resume, with --overwrite)")  # fmt: skip
+        if not resume and dist.is_main():  # before any long work: the earlier run's files stay untouched
+            prepare_new_run(self.run_dir, overwrite)
         self.device = dist.init_from_env(pick_device(cfg.train.device))
         t = cfg.train
         world = dist.world_size()
@@ -129,6 +153,7 @@ class Trainer:
             raise ConfigError(f"config key 'data.mask_dir': {cfg.method_name} trains on tags and never reads "
                               "masks; train a method on masks with it (fully_supervised, any method.head)")  # fmt: skip
         self.train_ds = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=needs_masks, use_mask_dir=True)
+        self.train_ds.skip_bad = cfg.data.max_bad_images
         self.classes = self.train_ds.classes
         self.method = build_method(cfg, self.classes).to(self.device)
         self.val_ds = None
@@ -136,17 +161,24 @@ class Trainer:
             self.val_ds = build_eval_dataset(cfg, cfg.eval.split or cfg.data.val_split)  # tags only: tag-level score
             if cfg.data.max_val_images:
                 self.val_ds.items = self.val_ds.items[: cfg.data.max_val_images]
+        self._preflight()
         self.opt = build_optimizer(self.method, cfg.optim)
         self.amp = amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.start_iter = 0
         self.best: dict = {}  # {"seg_miou", "iter"} of checkpoints/best.pt
+        self.guard = NonFiniteGuard(t.nan_patience)
+        self.finished = False  # resumed a run whose final evaluation is already written
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
+            if dist.is_main():
+                remove_temporaries(self.run_dir)
+                self.finished = self.start_iter >= t.max_iters and self._final_written()
+                trim_metrics(self.run_dir / "metrics.jsonl", self.start_iter,
+                             redo_eval=self.start_iter >= t.max_iters and not self.finished)  # fmt: skip
+            dist.barrier()
         elif dist.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # an earlier run's best.pt in this directory would pair its weights with this run's config
-            (self.run_dir / "checkpoints" / "best.pt").unlink(missing_ok=True)
+            ensure_writable(self.run_dir)
             text = dump_config(cfg)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(text))
             env = env_info(self.method.backbone.weights_source) | {"threads": self.threads, "cpu_budget": cpu_budget()}
@@ -166,6 +198,23 @@ class Trainer:
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )  # fmt: skip
+
+    def _preflight(self) -> None:
+        """Open every image's (and read mask's) header of the train and val splits before iteration 1, so a
+        missing or broken file stops the run now, with the whole list logged, not hours in."""
+        from wsss.data.check import preflight
+
+        problems = []
+        val_split = self.cfg.eval.split or self.cfg.data.val_split
+        for ds, split in ((self.train_ds, self.cfg.data.train_split), (self.val_ds, val_split)):
+            if ds is not None:
+                problems += preflight(ds, tty_progress(f"check {split}", leave=False) if dist.is_main() else None)
+        if problems:
+            if dist.is_main() and len(problems) > 1:
+                for p in problems:
+                    log.error("%s", p)
+            more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+            raise DataError(f"{problems[0]}{more}; `wsss data check ROOT` reports every problem of a dataset")
 
     def _state(self, it: int) -> dict:
         return {
@@ -190,7 +239,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         st = load_checkpoint(path, map_location=self.device)
-        self.method.load_state_dict(st["model"])
+        load_weights(self.method, st["model"], path)
         self.opt.load_state_dict(st["optimizer"])
         self.scaler.load_state_dict(st["scaler"])
         set_rng_state(st["rng"])
@@ -198,6 +247,17 @@ class Trainer:
         self.best = dict(load_checkpoint(best)["best"]) if best.is_file() else dict(st.get("best", {}))
         self.start_iter = int(st["iter"])
         log.info("resumed from %s at iteration %d", path, self.start_iter)
+
+    @staticmethod
+    def _ckpt_name(path: Path) -> str:
+        if not path.is_file():
+            return "none yet"
+        return f"{path} (iteration {int(load_checkpoint(path)['iter'])})"
+
+    def _final_written(self) -> bool:
+        """final_eval.json exists and was written after last.pt (it describes the last weights)."""
+        final, last = self.run_dir / "final_eval.json", self.run_dir / "checkpoints" / "last.pt"
+        return final.is_file() and final.stat().st_mtime_ns >= last.stat().st_mtime_ns
 
     def _log(self, rec: dict) -> None:
         if dist.is_main():
@@ -237,6 +297,9 @@ class Trainer:
         """Run to ``train.max_iters`` (or stop after iteration ``stop_at`` > 0 with the schedule unchanged,
         to be resumed later); returns the final evaluation results, also written to final_eval.json."""
         t, cfg = self.cfg.train, self.cfg
+        if self.finished:
+            log.info("%s: finished at iteration %d; its final_eval.json is kept", self.run_dir, self.start_iter)
+            return json.loads((self.run_dir / "final_eval.json").read_text())
         world = dist.world_size()
         loader = train_loader(self.train_ds, self.micro, t.seed, self.start_iter * t.batch_size, dist.rank(), world,
                               cfg.data.num_workers)  # fmt: skip
@@ -250,12 +313,15 @@ class Trainer:
         tic = time.perf_counter()
         res = None
         end = min(t.max_iters, stop_at) if stop_at > 0 else t.max_iters
+        ckpt = self.run_dir / "checkpoints" / "last.pt"
         for it in range(self.start_iter, end):
             lr = set_lr(self.opt, it, t.max_iters, cfg.optim)
             logs: dict[str, float] = {}
             total = 0.0
+            loss_ok, names = True, []
             for k in range(self.accum):
                 batch = next(data)
+                names += list(batch.get("name", []))
                 batch = {
                     k2: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()
                 }
@@ -263,33 +329,45 @@ class Trainer:
                 with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     out = self.model(batch, it)
                     loss = out.loss / self.accum
-                if not torch.isfinite(out.loss):
-                    raise FloatingPointError(
-                        f"iteration {it}: loss is {out.loss.item()} ({ {k: float(v) for k, v in out.logs.items()} })"
-                    )
-                self.scaler.scale(loss).backward()
-                total += float(loss.detach())
+                self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
+                value = float(loss.detach())
+                loss_ok &= math.isfinite(value)
+                total += value
                 for name, v in out.logs.items():
                     logs[name] = logs.get(name, 0.0) + float(v) / self.accum
+            grad_norm = None
             if cfg.optim.grad_clip > 0:
                 self.scaler.unscale_(self.opt)
-                torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.opt.zero_grad(set_to_none=True)
-            self.method.on_step_end(it)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
+            elif not self.scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
+                grads = [p.grad for p in self.method.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads)
+            if self.scaler.is_enabled() and grad_norm is not None:
+                grad_norm = None  # unscaled fp16 gradients may overflow; the scaler decides on those
+            if self.guard.check(it, loss_ok, grad_norm, logs | {"loss": total}, names, lambda: self._ckpt_name(ckpt)):
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.opt.zero_grad(set_to_none=True)
+                self.method.on_step_end(it)
+            else:  # the schedule goes on; the weights, the optimizer and the methods' banks stay as they were
+                self.opt.zero_grad(set_to_none=True)
+                self.method.on_step_skipped(it)
             done = it + 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.3f}")
             if done % t.log_every == 0 or done == t.max_iters:
                 dt = (time.perf_counter() - tic) / max(1, done - self.start_iter)
-                self._log({"iter": done, "lr": lr, "loss": total, **logs, "sec_per_iter": dt})
+                self._log({"iter": done, "lr": lr, "loss": total, **logs, "sec_per_iter": dt,
+                           **({"skipped_steps": self.guard.skipped} if self.guard.skipped else {})})  # fmt: skip
                 log.info("iter %d/%d loss %.4f %s lr %.2e %.2fs/it", done, t.max_iters, total,
                          " ".join(f"{k} {v:.4f}" for k, v in logs.items()), lr, dt)  # fmt: skip
             if done % t.ckpt_every == 0 or done == end:
+                if not params_finite(self.method):
+                    raise TrainingError(f"iteration {done}: the weights hold NaN or Inf; not saved, last checkpoint: "
+                                        f"{self._ckpt_name(ckpt)}; lower optim.lr or set optim.grad_clip")  # fmt: skip
                 if dist.is_main():
-                    save_checkpoint(self.run_dir / "checkpoints" / "last.pt", self._state(done))
+                    save_rotating(ckpt.parent, self._state(done), done, t.keep_last)
                 dist.barrier()
             if (t.eval_every > 0 and done % t.eval_every == 0) or done == t.max_iters:
                 res = self.evaluate(done)

@@ -55,6 +55,10 @@ class CenteredDistill(nn.Module):
             self._count += rows.shape[0]
         return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
 
+    def discard_pending(self) -> None:
+        """Drop this step's teacher-row sums (its step was skipped)."""
+        self._sum, self._count = None, 0
+
     @torch.no_grad()
     def update_center(self) -> None:
         """center <- m * center + (1 - m) * mean of this step's teacher rows (all processes)."""

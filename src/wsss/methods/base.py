@@ -100,6 +100,14 @@ class Method(nn.Module):
     def on_step_end(self, it: int) -> None:
         """Called after each optimizer step (EMA teachers, memory banks)."""
 
+    def on_step_skipped(self, it: int) -> None:
+        """Called instead of :meth:`on_step_end` when the trainer skipped the step (non-finite loss or
+        gradients): every submodule with a ``discard_pending`` (memory banks, distillation centres) drops
+        what this step's forwards queued, so nothing of the bad step is written."""
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "discard_pending", None)):
+                m.discard_pending()
+
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (B, C, h, w) to ``size`` (no-op when equal)."""

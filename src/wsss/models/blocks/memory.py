@@ -34,6 +34,10 @@ class ClassMemoryBank(nn.Module):
         """Queue embeddings (N, E) of classes ``labels`` (N,) (detached) for the next :meth:`flush`."""
         self._pending.append((emb.detach(), labels))
 
+    def discard_pending(self) -> None:
+        """Drop what was queued since the last flush (its step was skipped)."""
+        self._pending.clear()
+
     @torch.no_grad()
     def flush(self) -> None:
         """Push everything queued since the last flush (all micro-batches), gathered from all processes

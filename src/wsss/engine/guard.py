@@ -1,0 +1,79 @@
+"""The non-finite guard: an optimizer step whose loss or gradients hold NaN/Inf is skipped, not taken.
+
+A single bad batch (a corrupt image, an overflow) then costs one step instead of the run's weights;
+``train.nan_patience`` bad steps in a row stop the run with one line, before anything non-finite is
+written to a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from wsss.engine import dist
+
+log = logging.getLogger("wsss")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message is one line."""
+
+
+class NonFiniteGuard:
+    """Decides, once per optimizer step and identically on every process, whether the step is taken.
+
+    Args:
+        patience: consecutive skipped steps after which :meth:`check` raises TrainingError.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.bad_in_row = 0
+        self.skipped = 0
+
+    def check(self, it: int, loss_ok: bool, grad_norm: torch.Tensor | None, logs: dict[str, float],
+              names: list[str], last_ckpt: Callable[[], str]) -> bool:  # fmt: skip
+        """True when step ``it`` (0-based) may be taken. ``loss_ok``: every micro-batch loss was finite on
+        this process; ``grad_norm``: the gradients' total norm (None: not checked here, e.g. the fp16 scaler
+        skips inf gradients itself); ``logs``/``names``: this step's losses and images, for the warning;
+        ``last_ckpt()``: names the last checkpoint in the error when patience runs out.
+
+        Raises:
+            TrainingError: ``patience`` steps in a row were bad.
+        """
+        bad = not loss_ok or (grad_norm is not None and not bool(torch.isfinite(grad_norm)))
+        flag = torch.tensor([float(bad)], device=grad_norm.device if grad_norm is not None else "cpu")
+        if dist.world_size() > 1:  # one rank's NaN stops the step on every rank (they must stay in lockstep)
+            flag = dist.all_reduce_sum(flag.to(_reduce_device()))
+        if not bool(flag.item()):
+            self.bad_in_row = 0
+            return True
+        self.bad_in_row += 1
+        self.skipped += 1
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if not math.isfinite(v)) or "all finite here"
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        grad = "" if grad_norm is None else f"; gradient norm {float(grad_norm):.4g}"
+        log.warning("iteration %d: non-finite loss or gradient, step skipped (%d in a row, %d in all); losses %s%s; "
+                    "images %s", it + 1, self.bad_in_row, self.skipped, losses, grad, shown or "-")  # fmt: skip
+        if self.bad_in_row >= self.patience:
+            raise TrainingError(
+                f"iteration {it + 1}: {self.bad_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(losses {losses}{grad}); stopped, nothing non-finite was saved; last checkpoint: {last_ckpt()}; "
+                "lower optim.lr or set optim.grad_clip"
+            )
+        return False
+
+
+def _reduce_device() -> torch.device:
+    import torch.distributed as tdist
+
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def params_finite(module: torch.nn.Module) -> bool:
+    """True when every parameter and floating buffer of ``module`` is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True

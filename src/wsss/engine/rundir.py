@@ -1,0 +1,101 @@
+"""The files of a run directory, and the rules that keep an earlier run's files safe.
+
+A new run never writes into a directory that holds another run's files: it needs ``--resume`` (continue
+it) or ``--overwrite`` (replace it; only the trainer's own files are removed). A resumed run starts by
+removing the temporary files a kill during an atomic write left behind, and by cutting
+``metrics.jsonl`` back to the checkpoint it resumes from, so every iteration is logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from wsss.data.io import atomic_write
+
+log = logging.getLogger("wsss")
+
+# What the trainer writes into a run directory (``tb/``: TensorBoard, when on).
+RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "final_eval.json")
+RUN_DIRS = ("checkpoints", "tb")
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked (it holds an earlier run, or no run to resume)."""
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """Names of the trainer's files and folders present in ``run_dir`` (empty: a fresh directory)."""
+    return [n for n in (*RUN_FILES, *RUN_DIRS) if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+
+
+def prepare_new_run(run_dir: Path, overwrite: bool) -> None:
+    """Before a new run writes anything: refuse a directory holding an earlier run's files, or, with
+    ``overwrite``, remove those files (and only those: a user's other files stay).
+
+    Raises:
+        RunDirError: ``run_dir`` holds a run and ``overwrite`` is off, or it is not a directory.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: exists and is not a directory; give another --run-dir")
+    found = earlier_run(run_dir)
+    if not found:
+        return
+    if not overwrite:
+        raise RunDirError(f"{run_dir}: holds an earlier run ({', '.join(found)}); continue it with --resume "
+                          f"{run_dir}, replace it with --overwrite, or give another --run-dir")  # fmt: skip
+    for name in found:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    for p in sorted(run_dir.glob("eval_*.json")):  # `wsss evaluate` scores of the model being replaced
+        p.unlink()
+    if left := sorted(p.name for p in run_dir.iterdir()):
+        log.warning("%s: --overwrite removed the earlier run's %s; left in place: %s", run_dir, ", ".join(found),
+                    ", ".join(left))  # fmt: skip
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes (``.NAME.*.tmp`` of the trainer's files and
+    checkpoints) in ``run_dir`` and ``run_dir/checkpoints``; returns what was removed."""
+    gone = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(".*.tmp"):
+            name = p.name[1:]
+            if any(name.startswith(f"{n}.") for n in (*RUN_FILES, "last.pt", "best.pt")) or name.startswith("iter_"):
+                p.unlink(missing_ok=True)
+                gone.append(p)
+    if gone:
+        log.info("removed %d temporary file(s) of an interrupted write: %s", len(gone), ", ".join(p.name for p in gone))
+    return gone
+
+
+def trim_metrics(path: Path, start_iter: int, redo_eval: bool) -> int:
+    """Cut ``metrics.jsonl`` back to what a run resumed at ``start_iter`` has done: records of later
+    iterations (they will be logged again) and torn lines go; with ``redo_eval`` the evaluation records
+    of ``start_iter`` too (the final evaluation runs again). Returns the number of records dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            it = int(rec["iter"])
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if it > start_iter or (redo_eval and it == start_iter and "split" in rec):
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        atomic_write(path, lambda p: Path(p).write_text("".join(f"{k}\n" for k in kept)))
+        log.info("metrics.jsonl: %d record(s) after iteration %d dropped (they are logged again)", dropped,
+                 start_iter)  # fmt: skip
+    return dropped
