@@ -15,6 +15,10 @@ from wsss.progress import tty_progress
 log = logging.getLogger("wsss")
 
 
+class UsageError(ValueError):
+    """A command given options that do not go together (exit code 2, like argparse's own usage errors)."""
+
+
 def _setup_logging() -> None:
     import os
 
@@ -29,7 +33,7 @@ def cmd_train(args, extra: list[str]) -> int:
 
     if args.resume:
         if args.config or args.overwrite or args.run_dir:
-            raise SystemExit("wsss train: --resume continues a run with its own config.yaml; --config, --run-dir "
+            raise UsageError("wsss train: --resume continues a run with its own config.yaml; --config, --run-dir "
                              "and --overwrite do not apply (overrides such as --train.max_iters N do)")  # fmt: skip
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -37,7 +41,7 @@ def cmd_train(args, extra: list[str]) -> int:
         cfg = load_config(run_dir / "config.yaml", extra)
     else:
         if not args.config:
-            raise SystemExit("wsss train: --config is required (or --resume RUN_DIR)")
+            raise UsageError("wsss train: --config is required (or --resume RUN_DIR)")
         cfg = load_config(args.config, extra)
     if args.print_config:
         print(dump_config(cfg), end="")
@@ -64,6 +68,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     """`wsss evaluate`: score a run or checkpoint on a split; writes JSON and prints a table."""
     from wsss.api import load_run
     from wsss.build import build_eval_dataset
+    from wsss.data.io import DataError
     from wsss.data.loader import eval_loader
     from wsss.engine import dist
     from wsss.evaluation.evaluators import format_table, run_evaluation
@@ -80,7 +85,8 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     if args.max_images:
         ds.items = ds.items[: args.max_images]
     if tuple(ds.classes.names) != tuple(classes.names):
-        raise SystemExit(f"dataset classes {ds.classes.names} differ from the checkpoint's {classes.names}")
+        where = cfg.data.val_root or cfg.data.root or cfg.data.dataset
+        raise DataError(f"{where}: dataset classes {ds.classes.names} differ from the checkpoint's {classes.names}")
     loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world_size(), cfg.data.num_workers)
     progress = tty_progress(f"evaluate {split}")
     which = tuple(args.which.split(",")) if ds.load_masks else ("tags",)  # no masks: the tag level only
@@ -116,7 +122,7 @@ def cmd_predict(args, extra: list[str]) -> int:
     if args.sliding and not cfg.eval.window:  # the training crop's side, unless --eval.window names one
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, window=cfg.data.crop_size))
     if bool(args.inputs) == bool(args.split):
-        raise SystemExit("wsss predict: give image files/directories or --split, not both or neither")
+        raise UsageError("wsss predict: give image files/directories or --split, not both or neither")
     if args.split:
         from wsss.build import build_dataset
 
@@ -126,9 +132,9 @@ def cmd_predict(args, extra: list[str]) -> int:
     out = Path(args.out) if args.out else run_dir / "predictions" / (args.split or "images")
     opts = PredictOptions(args.overlay, args.save_probs, args.save_cams, args.max_side, args.overwrite)
     if opts.save_cams and not method.has_cams:
-        raise SystemExit(f"wsss predict: --save-cams: {cfg.method_name} has no CAM head")
+        raise UsageError(f"wsss predict: --save-cams: {cfg.method_name} has no CAM head")
     if opts.max_side < 0:
-        raise SystemExit(f"wsss predict: --max-side {opts.max_side}: give a positive side in pixels (0: off)")
+        raise UsageError(f"wsss predict: --max-side {opts.max_side}: give a positive side in pixels (0: off)")
     earlier = check_outputs(ds.items, out, opts)  # before any work: never replace an input or another's file
     progress = tty_progress("predict")
     meta = {"run": str(run_dir), "method": cfg.method_name, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
@@ -307,18 +313,25 @@ def main(argv: list[str] | None = None) -> int:
     from wsss.engine.guard import TrainingError
     from wsss.engine.rundir import RunDirError
 
+    # exit codes: 2 for a wrong use of the command or recipe (as argparse), 1 for everything the data, the
+    # files or the training itself got wrong
     try:
         return args.fn(args, extra)
-    except (ConfigError, DataError, CheckpointError, RunDirError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, UsageError) as e:
+        if args.debug:
+            raise
+        print(f"wsss: error: {one_line(e).removeprefix('wsss: error: ')}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, RunDirError, TrainingError, FileNotFoundError) as e:
         if args.debug:
             raise
         print(f"wsss: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return 1
     except PermissionError as e:  # e.g. an output folder that is read-only: the file and the reason, no traceback
         if args.debug:
             raise
-        print(f"wsss: error: {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+        print(f"wsss: error: {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `wsss list backbones | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 0

@@ -31,7 +31,9 @@ def cmd_prepare(args, extra: list[str]) -> int:
     from wsss.data import prepare
 
     if args.sbd and args.dataset != "voc":
-        raise SystemExit("wsss: error: --sbd belongs to `wsss prepare voc`")
+        from wsss.cli import UsageError
+
+        raise UsageError("--sbd belongs to `wsss prepare voc`")
     if args.dataset == "voc":
         counts = prepare.prepare_voc(args.root, args.sbd, args.overwrite)
     else:

@@ -13,19 +13,21 @@ def cmd_pseudo_labels(args, extra: list[str]) -> int:
     """`wsss pseudo-labels`: a weak run's pseudo labels of a split as palette PNGs (255 uncertain) + JSON."""
     from wsss.api import load_run
     from wsss.build import build_dataset
+    from wsss.cli import UsageError
+    from wsss.data.io import DataError
     from wsss.data.loader import eval_loader
     from wsss.evaluation.pseudo_export import check_label_outputs, export_pseudo_labels, method_settings
 
     cfg, method, classes, device, run_dir = load_run(args.target, extra)
     if not method.has_cams:
-        raise SystemExit(f"wsss pseudo-labels: {cfg.method_name} trains on masks and makes no pseudo labels")
+        raise UsageError(f"wsss pseudo-labels: {cfg.method_name} trains on masks and makes no pseudo labels")
     if args.crf != "none":
         from wsss.registry import CRF
 
         try:
             CRF.get(args.crf)  # an unknown backend fails here, before any work
         except KeyError as e:
-            raise SystemExit(f"wsss pseudo-labels: --crf: {e.args[0]}") from None
+            raise UsageError(f"wsss pseudo-labels: --crf: {e.args[0]}") from None
     split = args.split or cfg.data.train_split
     ds = build_dataset(cfg, split, train=False, load_masks=False)
     out = Path(args.out) if args.out else run_dir / "pseudo_labels" / split
@@ -37,7 +39,7 @@ def cmd_pseudo_labels(args, extra: list[str]) -> int:
 
         now = json.loads(json.dumps({**meta, "crf": args.crf}))  # tuples as JSON lists, as written
         if any(earlier.get(k) != v for k, v in now.items()):
-            raise SystemExit(f"wsss pseudo-labels: {out} holds labels of another run or other settings; "
+            raise DataError(f"wsss pseudo-labels: {out} holds labels of another run or other settings; "
                              "give another --out")  # fmt: skip
     progress = tty_progress(f"pseudo labels {split}")
     loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
@@ -53,6 +55,7 @@ def cmd_export(args, extra: list[str]) -> int:
     """`wsss export`: the run's inference network (seg path) as safetensors, ONNX or TorchScript."""
     from wsss import export as ex
     from wsss.api import load_run
+    from wsss.cli import UsageError
     from wsss.data.io import DataError
 
     cfg, method, classes, _, run_dir = load_run(args.target, extra, device="cpu")
@@ -61,7 +64,7 @@ def cmd_export(args, extra: list[str]) -> int:
         raise DataError(f"{out}: exists; give another --out or remove it")
     size = tuple(args.size) if args.size else (cfg.data.crop_size, cfg.data.crop_size)
     if min(size) < 1:
-        raise SystemExit(f"wsss export: --size {size[0]} {size[1]}: give a positive height and width")
+        raise UsageError(f"wsss export: --size {size[0]} {size[1]}: give a positive height and width")
     if args.format == "safetensors":
         ex.export_safetensors(method, cfg, classes, out)
     elif args.format == "onnx":

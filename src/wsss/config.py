@@ -102,9 +102,11 @@ class OptimConfig:
     grad_clip: float = 0.0  # 0: off
 
     def __post_init__(self) -> None:
-        if not self.lr > 0 or not self.warmup_lr >= 0 or not self.grad_clip >= 0 or not self.weight_decay >= 0:
-            raise ConfigError(f"config keys optim.lr must be > 0 and optim.warmup_lr, grad_clip, weight_decay >= 0; "
-                              f"got {self.lr}, {self.warmup_lr}, {self.grad_clip}, {self.weight_decay}")  # fmt: skip
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'optim.lr' must be > 0, got {self.lr!r}")
+        for name in ("warmup_lr", "grad_clip", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"config key 'optim.{name}' must be >= 0, got {getattr(self, name)!r}")
         _at_least(self, "optim", warmup_iters=0)
 
 

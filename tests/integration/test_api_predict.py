@@ -133,25 +133,25 @@ def test_predict_never_replaces_an_input_or_a_file_it_did_not_write(run, demo_ro
     png = folder / "a.png"
     Image.open(src).save(png)
     before = png.read_bytes()
-    assert main(["predict", str(run), str(png), "--out", str(folder)]) == 2
+    assert main(["predict", str(run), str(png), "--out", str(folder)]) == 1
     assert f"{png}: is an input image" in capsys.readouterr().err
     out = tmp_path / "o"
     assert main(["predict", str(run), str(png), "--out", str(out)]) == 0
-    assert main(["predict", str(run), str(png), "--out", str(out)]) == 2  # a second run into the same folder
+    assert main(["predict", str(run), str(png), "--out", str(out)]) == 1  # a second run into the same folder
     assert "a.png: exists and would be replaced (give --overwrite" in capsys.readouterr().err
     assert main(["predict", str(run), str(png), "--out", str(out), "--overwrite"]) == 0  # its own earlier files
     (out / "b.png").write_bytes(b"user's")
     b = folder / "b.png"
     Image.open(src).save(b)
-    assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 2
+    assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 1
     assert "not in this folder's predictions.json" in capsys.readouterr().err
     assert (out / "b.png").read_bytes() == b"user's" and png.read_bytes() == before
     (out / "b.png").unlink()
     (out / "b.png").symlink_to(tmp_path / "gone.png")  # a dangling link the user made
-    assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 2
+    assert main(["predict", str(run), str(b), "--out", str(out), "--overwrite"]) == 1
     assert (out / "b.png").is_symlink()
     Image.open(src).save(folder / "a_overlay.png")  # its mask would be a's overlay
-    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "o2"), "--overlay"]) == 2
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "o2"), "--overlay"]) == 1
     assert "a_overlay.png: written for both a and a_overlay" in capsys.readouterr().err
 
 

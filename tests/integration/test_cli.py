@@ -74,14 +74,14 @@ def test_resume_gives_same_weights_as_uninterrupted(tmp_path, tiny_args, modules
 def test_bad_input_is_one_line_error(tmp_path, capsys):
     rc = main(["train", "--config", "configs/bench/toco.yaml", "--data.root", str(tmp_path / "missing")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "missing: data root does not exist" in err
+    assert rc == 1 and len(err.splitlines()) == 1 and "missing: data root does not exist" in err
     rc = main(["train", "--config", "configs/bench/toco.yaml", "--train.max_iterz", "3"])
     assert rc == 2 and "train.max_iterz" in capsys.readouterr().err
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("method:\n  name: toco\n")
     (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
-    assert main(["evaluate", str(run)]) == 2
+    assert main(["evaluate", str(run)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "last.pt: not a readable wsss checkpoint" in err
 
@@ -136,7 +136,7 @@ def test_corrupt_image_in_a_worker_is_a_one_line_error(tmp_path, capsys):
                "test_vit", "--model.weights", "none", "--data.crop_size", "48", "--data.num_workers", "1",
                "--train.batch_size", "2", "--train.max_iters", "1", "--run-dir", str(tmp_path / "r")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err[-1].startswith("wsss: error: ") and f"{bad}: corrupt or unreadable image" in err[-1]
+    assert rc == 1 and err[-1].startswith("wsss: error: ") and f"{bad}: corrupt or unreadable image" in err[-1]
 
 
 def test_training_without_any_masks_when_evaluation_is_off(tmp_path):
@@ -203,7 +203,7 @@ def test_predict_writes_palette_masks_and_evaluate_with_crf(tmp_path, tiny_args,
             assert np.asarray(m).max() < 6  # background + 5 demo classes
     assert main(["predict", str(run), "--split", "val"]) == 0
     assert len(list((run / "predictions" / "val").glob("*.png"))) == 4
-    assert main(["predict", str(run), str(tmp_path / "nope.jpg")]) == 2
+    assert main(["predict", str(run), str(tmp_path / "nope.jpg")]) == 1
     assert "nope.jpg: no such image file or directory" in capsys.readouterr().err
     assert main(["evaluate", str(run), "--which", "seg", "--eval.crf", "torch", "--out", str(tmp_path / "e.json")]) == 0
     rep = json.loads((tmp_path / "e.json").read_text())

@@ -48,7 +48,7 @@ def test_prepare_coco_paints_small_objects_on_top_and_maps_ids(tmp_path):
     from wsss.data.prepare import prepare_coco
 
     # the CLI converts train and val; only train exists here, so its missing val file is a named error
-    assert main(["prepare", "coco", str(tmp_path)]) == 2
+    assert main(["prepare", "coco", str(tmp_path)]) == 1
 
     assert prepare_coco(tmp_path, ("train",)) == {"train": 1}
     m = read_mask(tmp_path / "SegmentationClass" / "COCO_train2014_000000000001.png")
@@ -84,7 +84,7 @@ def test_prepare_voc_builds_train_aug_and_labels(tmp_path):
     assert labels == {"s1": ["aeroplane"], "t1": ["cat"], "v1": ["person"]}
     # a second run would replace both files: only with --overwrite, refused before any work otherwise
     (sets / "train_aug.txt").write_text("the user's list\n")
-    assert main(["prepare", "voc", str(root.parent)]) == 2
+    assert main(["prepare", "voc", str(root.parent)]) == 1
     assert (sets / "train_aug.txt").read_text() == "the user's list\n"
     assert main(["prepare", "voc", str(root.parent), "--overwrite"]) == 0
     assert (sets / "train_aug.txt").read_text().split() == ["s1", "t1"]
@@ -156,18 +156,18 @@ def test_prepare_voc_sbd_errors_are_one_line(tmp_path, capsys):
     bad = sbd_dir / "dataset" / "cls" / "d.mat"
     savemat(bad, {"GTcls": {"Segmentation": np.full((4, 5), 30, np.uint8)}})
     Image.new("RGB", (5, 4)).save(root / "JPEGImages" / "d.jpg")
-    assert main(["prepare", "voc", str(root), "--sbd", str(sbd_dir)]) == 2
+    assert main(["prepare", "voc", str(root), "--sbd", str(sbd_dir)]) == 1
     err = _errors(capsys)
     assert len(err) == 1 and str(bad) in err[0] and "classes 0..20" in err[0] and "30..30" in err[0]
     (sbd_dir / "dataset" / "cls" / "e.mat").write_bytes(b"not a mat file")
     bad.unlink()
     shutil.rmtree(root / "SegmentationClassAug")
     (root / "ImageSets" / "Segmentation" / "train_aug.txt").unlink(missing_ok=True)
-    assert main(["prepare", "voc", str(root), "--sbd", str(sbd_dir)]) == 2
+    assert main(["prepare", "voc", str(root), "--sbd", str(sbd_dir)]) == 1
     err = _errors(capsys)
     assert len(err) == 1 and "e.mat: not an SBD class mask" in err[0]
     assert not any((root / "SegmentationClassAug").glob("*.png"))  # the header check comes before any write
-    assert main(["prepare", "voc", str(root), "--sbd", str(tmp_path / "nowhere")]) == 2
+    assert main(["prepare", "voc", str(root), "--sbd", str(tmp_path / "nowhere")]) == 1
     assert "no SBD cls/ folder" in capsys.readouterr().err
 
 

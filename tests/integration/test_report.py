@@ -75,11 +75,11 @@ def test_report_never_replaces_a_file_it_did_not_write(tiny_toco_run, tmp_path, 
     out = tmp_path / "rep"
     out.mkdir()
     (out / "curves.png").write_bytes(b"the user's")
-    assert main(["report", str(tiny_toco_run), "--out", str(out), "--samples", "1"]) == 2
+    assert main(["report", str(tiny_toco_run), "--out", str(out), "--samples", "1"]) == 1
     assert "curves.png: exists" in capsys.readouterr().err and (out / "curves.png").read_bytes() == b"the user's"
     (out / "curves.png").unlink()
     assert main(["report", str(tiny_toco_run), "--out", str(out), "--samples", "1"]) == 0
-    assert main(["report", str(tiny_toco_run), "--out", str(out), "--samples", "1"]) == 2  # an earlier report
+    assert main(["report", str(tiny_toco_run), "--out", str(out), "--samples", "1"]) == 1  # an earlier report
     assert main(["report", str(tiny_toco_run), "--out", str(out), "--samples", "1", "--overwrite"]) == 0
 
 
@@ -131,5 +131,5 @@ def test_report_scores_only_the_model_it_shows(tiny_toco_run, demo_root, tmp_pat
     assert main(["report", str(run), "--out", str(tmp_path / "d"), "--samples", "1", "--data.root", str(demo_root),
                  "--eval.flip", "true"]) == 0  # fmt: skip
     assert any(c.startswith(src) for c in _parse(tmp_path / "d" / "index.html").cells)
-    assert main(["report", str(run), "--out", str(tmp_path / "e"), "--samples", "0"]) == 2
+    assert main(["report", str(run), "--out", str(tmp_path / "e"), "--samples", "0"]) == 1
     assert "--samples 0" in capsys.readouterr().err and not (tmp_path / "e").exists()

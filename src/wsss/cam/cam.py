@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+
+def rescale(images: torch.Tensor, s: float) -> torch.Tensor:
+    """(B, C, H, W) resized by the factor ``s`` (bilinear), each side at least 1 pixel: an image smaller than
+    1 / s pixels would otherwise get a side of 0 (the resize of every other image is unchanged)."""
+    if s == 1.0:
+        return images
+    h, w = images.shape[-2:]
+    if math.floor(h * s) >= 1 and math.floor(w * s) >= 1:
+        return F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+    size = (max(1, math.floor(h * s)), max(1, math.floor(w * s)))
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
 def minmax_normalize(cam: torch.Tensor, eps: float = 1e-5, inplace: bool = False) -> torch.Tensor:
@@ -42,7 +55,7 @@ def multi_scale_cam(
     base, base_flip = base or {}, base_flip or {}
     sums: list[torch.Tensor] | None = None
     for s in scales:
-        x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+        x = rescale(images, s)
         todo = ([] if s in base else [x]) + ([x.flip(-1)] if flip and s not in base_flip else [])
         ran = cam_fn(torch.cat(todo, 0)) if todo else None
         outs = []

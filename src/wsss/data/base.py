@@ -18,7 +18,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, check_mask_size, check_mask_values, fit_side, image_size, read_image, read_mask
+from wsss.data.io import (
+    DataError,
+    UnreadableImage,
+    check_mask_size,
+    check_mask_values,
+    fit_side,
+    image_size,
+    read_image,
+    read_mask,
+)
 
 log = logging.getLogger("wsss")
 
@@ -72,10 +81,10 @@ class SegDataset(Dataset):
         """The sample of ``key`` (index, or (index, augmentation seed)); with ``skip_bad`` an image that fails to
         decode (changed since the start-up check) is replaced by the next one, with a warning naming it."""
         idx, seed = key if isinstance(key, tuple) else (key, idx_seed(key))
-        while True:
+        for _ in range(len(self.items)):  # every image unreadable: stop after one round, not loop for ever
             try:
                 return self._sample(idx, seed)
-            except DataError as e:
+            except UnreadableImage as e:  # decode failures only: a mask with wrong values is the data's error
                 if not self.skip_bad:
                     raise
                 self._bad = self._bad | {self.items[idx].name}
@@ -85,6 +94,7 @@ class SegDataset(Dataset):
                 log.warning("%s: skipped, the next image is used instead (%d unreadable in this loader process, at "
                             "most data.max_bad_images %d)", e, len(self._bad), self.skip_bad)  # fmt: skip
                 idx = (idx + 1) % len(self.items)
+        raise DataError(f"{self.items[idx].image.parent}: none of the {len(self.items)} images could be read")
 
     def _sample(self, idx: int, seed: int) -> dict:
         it = self.items[idx]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import WIDE_MODES, DataError, check_mask_values, image_header, inspect_image, read_mask
+from wsss.data.io import WIDE_MODES, DataError, check_mask_values, fit_side, image_header, inspect_image, read_mask
 from wsss.data.voc import LAYOUTS, classes_for_root, is_coco_root, mask_dir, read_cls_labels, voc_root
 
 LARGE_SIDE = 2048  # beyond this a ViT's whole-image evaluation runs out of time or memory on most machines
@@ -29,7 +29,7 @@ def preflight(ds, progress=None) -> list[str]:
                 if mode not in ("P", "L"):
                     raise DataError(f"{it.mask}: mask is {mode}; expected a palette or single-channel PNG of label "
                                     "indices")  # fmt: skip
-                if msize != size:
+                if msize not in (size, fit_side(size, getattr(ds, "max_side", 0))):  # pseudo labels under max_side
                     raise DataError(f"{it.mask}: mask is {msize[0]}x{msize[1]} but its image is {size[0]}x{size[1]} "
                                     "(height x width, as displayed: EXIF orientation applied)")  # fmt: skip
         except DataError as e:
@@ -96,12 +96,18 @@ def check_root(root: str | Path, dataset: str = "auto") -> list[tuple[str, str]]
 
 
 def _check_folder(root: Path) -> list[tuple[str, str]]:
-    from wsss.data.folder import folder_classes, read_tags_csv
+    from wsss.data.folder import folder_classes, read_tags_csv, unlisted_images
 
     if not (root / "images").is_dir():
         return [("error", f"{root / 'images'}: images folder missing")]
     problems: list[tuple[str, str]] = []
     rows = read_tags_csv(root, problems)
-    classes = folder_classes(root, rows, no_background=False)
+    try:
+        classes = folder_classes(root, rows, no_background=False)
+    except DataError as e:
+        return [*problems, ("error", str(e))]
+    if extra := unlisted_images(root, rows):
+        problems.append(("warning", f"{root / 'images'}: {len(extra)} file(s) not in tags.csv are not used (e.g. "
+                         f"{', '.join(extra[:3])})"))  # fmt: skip
     items = [(Path(f).stem, root / "images" / f, root / "masks" / f"{Path(f).stem}.png", tags) for f, tags in rows]
     return problems + _check_items(items, classes, report_untagged=False)

@@ -28,13 +28,16 @@ from wsss.data.voc import read_classes_txt
 from wsss.registry import DATASETS
 
 log = logging.getLogger("wsss")
+_told: set[str] = set()  # roots whose unlisted images were reported (once per process)
 
 
 def read_tags_csv(root: Path, problems: list[tuple[str, str]] | None = None) -> list[tuple[str, tuple[str, ...]]]:
-    """Rows (image file name, tags) of ROOT/tags.csv.
+    """Rows (image file name, tags) of ROOT/tags.csv, UTF-8 with or without the byte-order mark that
+    spreadsheet programs write.
 
-    A malformed row or an image without tags raises DataError naming the file and line; with a
-    ``problems`` list, each is appended there as ("error", message) instead and reading goes on.
+    A malformed row, an image without tags or an image listed twice with different tags raises DataError
+    naming the file and lines (a repeated identical row is kept once, with a warning); with a ``problems``
+    list, each is appended there as ("error" or "warning", message) instead and reading goes on.
     """
     path = root / "tags.csv"
 
@@ -47,36 +50,74 @@ def read_tags_csv(root: Path, problems: list[tuple[str, str]] | None = None) -> 
         bad(f"{path}: tags file missing (expected columns image,tags)")
         return []
     rows = []
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header or [h.strip().lower() for h in header[:2]] != ["image", "tags"]:
-            bad(f"{path}: first line must be the header 'image,tags'")
-            return []
-        for lineno, row in enumerate(reader, start=2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                bad(f"{path}:{lineno}: expected 'image,tags', got {','.join(row)!r}")
-                continue
-            tags = tuple(t.strip() for t in row[1].split(";") if t.strip())
-            if not tags:
-                bad(f"{root / 'images' / row[0].strip()}: image has no tags ({path.name}:{lineno})")
-            rows.append((row[0].strip(), tags))
+    seen: dict[str, tuple[int, tuple[str, ...]]] = {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad(f"{path}: not UTF-8 text (byte {e.start}); save it as 'CSV UTF-8'")
+        return []
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header or [h.strip().lower() for h in header[:2]] != ["image", "tags"]:
+        bad(f"{path}: first line must be the header 'image,tags'")
+        return []
+    for lineno, row in enumerate(reader, start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            bad(f"{path}:{lineno}: expected 'image,tags', got {','.join(row)!r}")
+            continue
+        name = row[0].strip()
+        tags = tuple(t.strip() for t in row[1].split(";") if t.strip())
+        if not tags:
+            bad(f"{root / 'images' / name}: image has no tags ({path.name}:{lineno})")
+        if name in seen:
+            first, earlier = seen[name]
+            if set(earlier) != set(tags):
+                bad(f"{path}:{lineno}: {name} is listed again with other tags ({';'.join(tags)} here, "
+                    f"{';'.join(earlier)} on line {first}); keep one row per image")  # fmt: skip
+            elif problems is not None:
+                problems.append(("warning", f"{path}:{lineno}: {name} repeats line {first}; read once"))
+            else:
+                log.warning("%s:%d: %s repeats line %d; read once", path, lineno, name, first)
+            continue
+        seen[name] = (lineno, tags)
+        rows.append((name, tags))
     return rows
 
 
 def folder_classes(root: Path, rows, no_background: bool) -> ClassSpec:
-    """ClassSpec from classes.txt if present, else from the sorted tags."""
+    """ClassSpec from classes.txt if present, else from the sorted tags (tags that differ only in case, such as
+    "Cat" and "cat", are refused there: one class or two is the user's call, made in classes.txt)."""
     ct = root / "classes.txt"
-    names = read_classes_txt(ct) if ct.is_file() else tuple(sorted({t for _, ts in rows for t in ts}))
+    if ct.is_file():
+        return ClassSpec(read_classes_txt(ct), background=not no_background)
+    names = tuple(sorted({t for _, ts in rows for t in ts}))
+    spellings: dict[str, list[str]] = {}
+    for n in names:
+        spellings.setdefault(n.casefold(), []).append(n)
+    if clash := [v for v in spellings.values() if len(v) > 1]:
+        raise DataError(f"{root / 'tags.csv'}: tags that differ only in case: {', '.join('/'.join(v) for v in clash)}; "
+                        f"use one spelling, or list the classes in {ct}")  # fmt: skip
     return ClassSpec(names, background=not no_background)
+
+
+def unlisted_images(root: Path, rows) -> list[str]:
+    """Files in ROOT/images that tags.csv does not list (they are not used)."""
+    listed = {f for f, _ in rows}
+    folder = root / "images"
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in
+                  listed) if folder.is_dir() else []  # fmt: skip
 
 
 def read_folder(root: Path, split: str | None, classes: ClassSpec | None, no_background: bool):
     """(items, classes) of a tagged folder; ``classes`` given means use that class list."""
     rows = read_tags_csv(root)
     classes = classes or folder_classes(root, rows, no_background)
+    if (extra := unlisted_images(root, rows)) and str(root) not in _told:
+        _told.add(str(root))
+        log.warning("%s: %d file(s) in images/ not in tags.csv are not used (e.g. %s)", root, len(extra),
+                    ", ".join(extra[:3]))  # fmt: skip
     split_file = root / f"{split}.txt" if split else None
     if split_file is not None and split_file.is_file():
         keep = set(read_list(split_file))

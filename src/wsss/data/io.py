@@ -70,6 +70,10 @@ class DataError(ValueError):
     """Bad input data; the message names the file and the problem."""
 
 
+class UnreadableImage(DataError):
+    """An image file that is missing or does not decode (training may skip it: data.max_bad_images)."""
+
+
 def _bomb(path: Path, e: Exception) -> str:
     """The one-line message for an image whose header declares more pixels than Pillow's safety limit."""
     m = re.search(r"\((\d+) pixels\)", str(e))
@@ -151,11 +155,11 @@ def read_image(path: str | Path, max_side: int = 0) -> np.ndarray:
             up = _upright(im).convert("RGB")
             return np.asarray(up.resize((target[1], target[0]), Image.BILINEAR, reducing_gap=3.0))
     except FileNotFoundError:
-        raise DataError(f"{path}: image file is missing") from None
+        raise UnreadableImage(f"{path}: image file is missing") from None
     except Image.DecompressionBombError as e:
         raise DataError(_bomb(path, e)) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
+        raise UnreadableImage(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
 def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def save_rotating(ckpt_dir: str | Path, state: dict, it: int, keep: int) -> Path
     except OSError:
         shutil.copyfile(named, tmp)
     os.replace(tmp, last)
-    named_ckpts = sorted(ckpt_dir.glob("iter_*.pt"), key=lambda p: int(p.stem[5:]) if p.stem[5:].isdigit() else -1)
+    ours = [p for p in ckpt_dir.glob("iter_*.pt") if re.fullmatch(r"iter_\d+\.pt", p.name)]  # never a user's file
+    named_ckpts = sorted(ours, key=lambda p: int(p.stem[5:]))
     for old in named_ckpts[:-keep]:
         old.unlink()
     return last

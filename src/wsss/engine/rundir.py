@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import re
 from pathlib import Path
 
 from wsss.data.io import atomic_write
@@ -31,9 +31,10 @@ def earlier_run(run_dir: Path) -> list[str]:
     return [n for n in (*RUN_FILES, *RUN_DIRS) if (run_dir / n).exists() or (run_dir / n).is_symlink()]
 
 
-def prepare_new_run(run_dir: Path, overwrite: bool) -> None:
+def prepare_new_run(run_dir: Path, overwrite: bool, remove: bool = True) -> None:
     """Before a new run writes anything: refuse a directory holding an earlier run's files, or, with
-    ``overwrite``, remove those files (and only those: a user's other files stay).
+    ``overwrite`` (and ``remove``; False: only the check, made before the run's other checks), remove the
+    trainer's files (and only those: a user's other files stay, inside ``checkpoints/`` and ``tb/`` too).
 
     Raises:
         RunDirError: ``run_dir`` holds a run and ``overwrite`` is off, or it is not a directory.
@@ -46,10 +47,16 @@ def prepare_new_run(run_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise RunDirError(f"{run_dir}: holds an earlier run ({', '.join(found)}); continue it with --resume "
                           f"{run_dir}, replace it with --overwrite, or give another --run-dir")  # fmt: skip
+    if not remove:
+        return
     for name in found:
         p = run_dir / name
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+            for f in p.iterdir():
+                if _ours(name, f.name):
+                    f.unlink()
+            if not any(p.iterdir()):
+                p.rmdir()
         else:
             p.unlink()
     for p in sorted(run_dir.glob("eval_*.json")):  # `wsss evaluate` scores of the model being replaced
@@ -57,6 +64,14 @@ def prepare_new_run(run_dir: Path, overwrite: bool) -> None:
     if left := sorted(p.name for p in run_dir.iterdir()):
         log.warning("%s: --overwrite removed the earlier run's %s; left in place: %s", run_dir, ", ".join(found),
                     ", ".join(left))  # fmt: skip
+
+
+def _ours(folder: str, name: str) -> bool:
+    """Whether ``folder/name`` is a file the trainer writes (checkpoints, their temporaries, TensorBoard events)."""
+    if folder == "tb":
+        return name.startswith("events.out.tfevents.")
+    plain = name[1:] if name.startswith(".") and name.endswith(".tmp") else name
+    return bool(re.fullmatch(r"(last|best|iter_\d+)\.pt(\..+\.tmp)?", plain))
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:

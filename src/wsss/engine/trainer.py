@@ -15,7 +15,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wsss.build import build_dataset, build_eval_dataset, build_method
 from wsss.config import ConfigError, RunConfig, dump_config
-from wsss.data.io import DataError, atomic_write, dumps_results, ensure_writable
+from wsss.data.io import DataError, atomic_write, ensure_writable
 from wsss.data.loader import eval_loader, train_loader
 from wsss.engine import dist
 from wsss.engine.checkpoint import (
@@ -33,10 +32,10 @@ from wsss.engine.checkpoint import (
     load_weights,
     rng_state,
     save_checkpoint,
-    save_rotating,
     set_rng_state,
 )
-from wsss.engine.guard import NonFiniteGuard, TrainingError, params_finite
+from wsss.engine.guard import NonFiniteGuard, params_finite
+from wsss.engine.hooks import Hook, StepInfo, default_hooks
 from wsss.engine.optim import build_optimizer, set_lr
 from wsss.engine.rundir import RunDirError, prepare_new_run, remove_temporaries, trim_metrics
 from wsss.engine.threads import busy_host_warning, configure_threads, cpu_budget
@@ -124,16 +123,19 @@ class Trainer:
         resume: continue an interrupted run.
         overwrite: a new run may replace the trainer's files of an earlier run in ``run_dir`` (without it,
             such a directory is refused: :mod:`wsss.engine.rundir`).
+        hooks: what runs after each step (default :func:`~wsss.engine.hooks.default_hooks`: progress, logging,
+            checkpoint, evaluation); ``trainer.hooks`` can be extended before :meth:`fit`.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                 hooks: list[Hook] | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         if resume and not (self.run_dir / "checkpoints" / "last.pt").is_file():
             raise RunDirError(f"{self.run_dir}: no checkpoints/last.pt to resume from (a run stopped before its first "
                               "checkpoint starts again without --resume, with --overwrite)")  # fmt: skip
-        if not resume and dist.is_main():  # before any long work: the earlier run's files stay untouched
-            prepare_new_run(self.run_dir, overwrite)
+        if not resume:  # refused before any long work; with --overwrite nothing is removed until all checks passed
+            prepare_new_run(self.run_dir, overwrite, remove=False)
         self.device = dist.init_from_env(pick_device(cfg.train.device))
         t = cfg.train
         world = dist.world_size()
@@ -168,16 +170,20 @@ class Trainer:
         self.start_iter = 0
         self.best: dict = {}  # {"seg_miou", "iter"} of checkpoints/best.pt
         self.guard = NonFiniteGuard(t.nan_patience)
+        self.hooks = default_hooks() if hooks is None else list(hooks)
+        self.results: dict | None = None  # the final evaluation, once fit has run (EvalHook)
         self.finished = False  # resumed a run whose final evaluation is already written
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
+            self.finished = self.start_iter >= t.max_iters and self._final_written()  # every rank: they must agree
+            dist.barrier()
             if dist.is_main():
                 remove_temporaries(self.run_dir)
-                self.finished = self.start_iter >= t.max_iters and self._final_written()
                 trim_metrics(self.run_dir / "metrics.jsonl", self.start_iter,
                              redo_eval=self.start_iter >= t.max_iters and not self.finished)  # fmt: skip
             dist.barrier()
         elif dist.is_main():
+            prepare_new_run(self.run_dir, overwrite)
             ensure_writable(self.run_dir)
             text = dump_config(cfg)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(text))
@@ -216,24 +222,25 @@ class Trainer:
             more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
             raise DataError(f"{problems[0]}{more}; `wsss data check ROOT` reports every problem of a dataset")
 
-    def _state(self, it: int) -> dict:
+    def state(self, it: int) -> dict:
+        """Everything exact resume needs after iteration ``it``: weights, optimizer, scaler, RNG, classes, best."""
         return {
             "model": self.method.state_dict(), "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
             "iter": it, "rng": rng_state(), "method": self.cfg.method_name, "classes": list(self.classes.names),
             "background": self.classes.background, "best": dict(self.best),
         }  # fmt: skip
 
-    def _save_best(self, it: int, res: dict | None) -> None:
+    def save_best(self, it: int, res: dict | None) -> None:
         """``checkpoints/best.pt`` (weights, classes and the score only: no optimizer) whenever the val seg
         mIoU beats the best so far; runs without val masks have no seg score and no best.pt."""
         miou = (res or {}).get("seg", {}).get("miou")
         if miou is None or not math.isfinite(miou) or miou <= self.best.get("seg_miou", float("-inf")):
             return
-        if not dist.is_main():
+        if not dist.is_main() or not params_finite(self.method):  # a NaN model can still score a finite mIoU
             return
         self.best = {"seg_miou": float(miou), "iter": it}
         resume_only = ("optimizer", "scaler", "rng")
-        state = {k: v for k, v in self._state(it).items() if k not in resume_only}
+        state = {k: v for k, v in self.state(it).items() if k not in resume_only}
         save_checkpoint(self.run_dir / "checkpoints" / "best.pt", state)
         log.info("best.pt: seg mIoU %.2f at iteration %d", 100 * miou, it)
 
@@ -248,8 +255,9 @@ class Trainer:
         self.start_iter = int(st["iter"])
         log.info("resumed from %s at iteration %d", path, self.start_iter)
 
-    @staticmethod
-    def _ckpt_name(path: Path) -> str:
+    def checkpoint_name(self) -> str:
+        """``checkpoints/last.pt`` and its iteration, for messages ("none yet" before the first)."""
+        path = self.run_dir / "checkpoints" / "last.pt"
         if not path.is_file():
             return "none yet"
         return f"{path} (iteration {int(load_checkpoint(path)['iter'])})"
@@ -259,7 +267,8 @@ class Trainer:
         final, last = self.run_dir / "final_eval.json", self.run_dir / "checkpoints" / "last.pt"
         return final.is_file() and final.stat().st_mtime_ns >= last.stat().st_mtime_ns
 
-    def _log(self, rec: dict) -> None:
+    def log_record(self, rec: dict) -> None:
+        """Append ``rec`` (with an ``iter``) to metrics.jsonl, and its numbers to TensorBoard when on (rank 0)."""
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -282,7 +291,7 @@ class Trainer:
             log.info("iteration %d: evaluating %d images of split %s", it, len(self.val_ds), split)
             progress = tty_progress(f"evaluate {split}", leave=False)  # large images make an evaluation long
         res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which, progress)
-        self._log({"iter": it, "split": split, **headline(res)})
+        self.log_record({"iter": it, "split": split, **headline(res)})
         if dist.is_main():
             log.info("iteration %d evaluation:\n%s", it, format_table(res, self.classes))
             if self.tb is not None:
@@ -305,81 +314,60 @@ class Trainer:
                               cfg.data.num_workers)  # fmt: skip
         data = iter(loader)
         self.method.train()
-        bar = None
-        if dist.is_main() and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=t.max_iters, initial=self.start_iter, desc=f"train {cfg.method_name}", dynamic_ncols=True)
-        tic = time.perf_counter()
-        res = None
         end = min(t.max_iters, stop_at) if stop_at > 0 else t.max_iters
-        ckpt = self.run_dir / "checkpoints" / "last.pt"
+        for h in self.hooks:
+            h.before_train(self, end)
         for it in range(self.start_iter, end):
-            lr = set_lr(self.opt, it, t.max_iters, cfg.optim)
-            logs: dict[str, float] = {}
-            total = 0.0
-            loss_ok, names = True, []
-            for k in range(self.accum):
-                batch = next(data)
-                names += list(batch.get("name", []))
-                batch = {
-                    k2: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()
-                }
-                sync = nullcontext() if (world == 1 or k == self.accum - 1) else self.model.no_sync()
-                with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    out = self.model(batch, it)
-                    loss = out.loss / self.accum
-                self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
-                value = float(loss.detach())
-                loss_ok &= math.isfinite(value)
-                total += value
-                for name, v in out.logs.items():
-                    logs[name] = logs.get(name, 0.0) + float(v) / self.accum
-            grad_norm = None
-            if cfg.optim.grad_clip > 0:
-                self.scaler.unscale_(self.opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
-            elif not self.scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
-                grads = [p.grad for p in self.method.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads)
-            if self.scaler.is_enabled() and grad_norm is not None:
-                grad_norm = None  # unscaled fp16 gradients may overflow; the scaler decides on those
-            if self.guard.check(it, loss_ok, grad_norm, logs | {"loss": total}, names, lambda: self._ckpt_name(ckpt)):
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                self.opt.zero_grad(set_to_none=True)
-                self.method.on_step_end(it)
-            else:  # the schedule goes on; the weights, the optimizer and the methods' banks stay as they were
-                self.opt.zero_grad(set_to_none=True)
-                self.method.on_step_skipped(it)
-            done = it + 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.3f}")
-            if done % t.log_every == 0 or done == t.max_iters:
-                dt = (time.perf_counter() - tic) / max(1, done - self.start_iter)
-                self._log({"iter": done, "lr": lr, "loss": total, **logs, "sec_per_iter": dt,
-                           **({"skipped_steps": self.guard.skipped} if self.guard.skipped else {})})  # fmt: skip
-                log.info("iter %d/%d loss %.4f %s lr %.2e %.2fs/it", done, t.max_iters, total,
-                         " ".join(f"{k} {v:.4f}" for k, v in logs.items()), lr, dt)  # fmt: skip
-            if done % t.ckpt_every == 0 or done == end:
-                if not params_finite(self.method):
-                    raise TrainingError(f"iteration {done}: the weights hold NaN or Inf; not saved, last checkpoint: "
-                                        f"{self._ckpt_name(ckpt)}; lower optim.lr or set optim.grad_clip")  # fmt: skip
-                if dist.is_main():
-                    save_rotating(ckpt.parent, self._state(done), done, t.keep_last)
-                dist.barrier()
-            if (t.eval_every > 0 and done % t.eval_every == 0) or done == t.max_iters:
-                res = self.evaluate(done)
-                self._save_best(done, res)
-        if bar is not None:
-            bar.close()
-        if res is None and end == t.max_iters and self.start_iter >= t.max_iters:
-            res = self.evaluate(t.max_iters)  # resumed at the end: the final evaluation had not been written
-            self._save_best(t.max_iters, res)
-        if res is not None and end == t.max_iters and dist.is_main():
-            atomic_write(self.run_dir / "final_eval.json", lambda p: Path(p).write_text(dumps_results(res)))
-        return res
+            step = self.run_step(it, data)
+            for h in self.hooks:
+                h.after_step(self, step, end)
+        for h in self.hooks:
+            h.after_train(self, end)
+        return self.results
+
+    def run_step(self, it: int, data) -> StepInfo:
+        """One optimizer step at 0-based iteration ``it``: ``accum`` micro-batches from ``data`` (forward under
+        autocast, backward, DDP sync on the last), then the non-finite guard decides whether the optimizer
+        steps (skipped: weights, optimizer and the method's queued bank writes stay as they were)."""
+        cfg, world = self.cfg, dist.world_size()
+        lr = set_lr(self.opt, it, cfg.train.max_iters, cfg.optim)
+        logs: dict[str, float] = {}
+        total = 0.0
+        loss_ok, names = True, []
+        for k in range(self.accum):
+            batch = next(data)
+            names += list(batch.get("name", []))
+            batch = {k2: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
+            sync = nullcontext() if (world == 1 or k == self.accum - 1) else self.model.no_sync()
+            with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self.model(batch, it)
+                loss = out.loss / self.accum
+            self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
+            value = float(loss.detach())
+            loss_ok &= math.isfinite(value)
+            total += value
+            for name, v in out.logs.items():
+                logs[name] = logs.get(name, 0.0) + float(v) / self.accum
+        grad_norm = None
+        if cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
+        elif not self.scaler.is_enabled():  # fp16's scaler skips steps with inf gradients itself
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.method.parameters() if p.grad is not None])
+        if self.scaler.is_enabled():
+            grad_norm = None  # unscaled fp16 gradients may overflow; the scaler decides on those
+        taken = self.guard.check(it, loss_ok, grad_norm, logs | {"loss": total}, names, self.checkpoint_name)
+        if taken:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            self.method.on_step_end(it)
+        else:
+            if self.scaler.is_enabled():  # reset its per-step state (unscale_ may have run) and back the scale off
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self.opt.zero_grad(set_to_none=True)
+            self.method.on_step_skipped(it)
+        return StepInfo(it + 1, lr, total, logs, taken)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

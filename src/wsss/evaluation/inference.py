@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from wsss.cam.cam import rescale
+
 WINDOW_CHUNK = 8  # windows per forward: bounds the memory of a huge image whatever its number of windows
 
 
@@ -52,7 +54,7 @@ def multi_scale_seg(
     B, _, H, W = images.shape
     total = None
     for s in scales:
-        x = images if s == 1.0 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+        x = rescale(images, s)
         if flip:
             x = torch.cat([x, x.flip(-1)], 0)
         y = sliding_seg(method, x, window, overlap) if window > 0 else method.predict_seg(x)
