@@ -153,8 +153,30 @@ def test_consecutive_non_finite_steps_stop_the_run_with_the_last_finite_checkpoi
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and msg.startswith("iteration 3: 2 optimizer steps in a row")
     assert f"{run / 'checkpoints' / 'last.pt'} (iteration 2)" in msg  # iteration 2 was skipped: weights of 1
-    st = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert st["iter"] == 2 and all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iter"] == 2  # nothing after the stop
+
+
+def test_weights_that_went_non_finite_are_never_saved(tmp_path, demo_root):
+    """A parameter turned NaN after iteration 3's step (finite loss and gradients until then): the checkpoint
+    of iteration 3 is refused with one line naming the last good one, which stays iteration 2's."""
+    from wsss.engine.guard import TrainingError
+    from wsss.engine.hooks import Hook
+
+    class Corrupt(Hook):
+        def after_step(self, trainer, step, end):
+            if step.it == 3:
+                with torch.no_grad():
+                    next(trainer.method.parameters()).fill_(float("nan"))
+
+    run = tmp_path / "run"
+    tr = _trainer(demo_root, run)
+    tr.hooks.insert(0, Corrupt())  # before the checkpoint hook
+    with pytest.raises(TrainingError) as e:
+        tr.fit()
+    assert str(e.value).startswith("iteration 3: the weights hold NaN or Inf; not saved")
+    assert f"{run / 'checkpoints' / 'last.pt'} (iteration 2)" in str(e.value)
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iter"] == 2
+    assert not (run / "checkpoints" / "iter_000003.pt").exists()
 
 
 def test_save_rotating_keeps_the_newest_and_links_last(tmp_path):

@@ -122,7 +122,7 @@ class SegDataset(Dataset):
         else:
             m = read_mask(it.mask)  # decoded once: this runs for every training sample
             if m.shape != hw:
-                check_mask_size(it.mask, m, image_size(it.image))  # neither size: the message names both
+                check_mask_size(it.mask, m.shape, image_size(it.image))  # neither size: the message names both
                 m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
         check_mask_values(it.mask, m, self.classes.K, self.classes.ignore_index)
         return m

@@ -5,7 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsss.data.classes import ClassSpec
-from wsss.data.io import WIDE_MODES, DataError, check_mask_values, fit_side, image_header, inspect_image, read_mask
+from wsss.data.io import (
+    WIDE_MODES,
+    DataError,
+    check_mask_mode,
+    check_mask_size,
+    check_mask_values,
+    fit_side,
+    image_header,
+    inspect_image,
+    read_mask,
+)
 from wsss.data.voc import LAYOUTS, classes_for_root, is_coco_root, mask_dir, read_cls_labels, voc_root
 
 LARGE_SIDE = 2048  # beyond this a ViT's whole-image evaluation runs out of time or memory on most machines
@@ -26,12 +36,9 @@ def preflight(ds, progress=None) -> list[str]:
                 raise DataError(f"{it.image}: {mode} (16/32-bit) image; convert it to 8-bit RGB")
             if ds.load_masks and it.mask is not None:
                 mode, msize = image_header(it.mask, "mask")
-                if mode not in ("P", "L"):
-                    raise DataError(f"{it.mask}: mask is {mode}; expected a palette or single-channel PNG of label "
-                                    "indices")  # fmt: skip
-                if msize not in (size, fit_side(size, getattr(ds, "max_side", 0))):  # pseudo labels under max_side
-                    raise DataError(f"{it.mask}: mask is {msize[0]}x{msize[1]} but its image is {size[0]}x{size[1]} "
-                                    "(height x width, as displayed: EXIF orientation applied)")  # fmt: skip
+                check_mask_mode(it.mask, mode)
+                if msize != fit_side(size, getattr(ds, "max_side", 0)):  # pseudo labels exported under max_side
+                    check_mask_size(it.mask, msize, size)
         except DataError as e:
             problems.append(str(e))
     return problems

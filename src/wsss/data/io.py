@@ -173,8 +173,7 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     path = Path(path)
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise DataError(f"{path}: mask is {im.mode}; expected a palette or single-channel PNG of label indices")
+            check_mask_mode(path, im.mode)
             arr = np.asarray(_upright(im))
     except FileNotFoundError:
         raise DataError(f"{path}: mask file is missing") from None
@@ -183,15 +182,22 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
     if size is not None:
-        check_mask_size(path, arr, size)
+        check_mask_size(path, arr.shape, size)
     return arr
 
 
-def check_mask_size(path: str | Path, mask: np.ndarray, size: tuple[int, int]) -> None:
-    """Raise DataError naming both sizes unless ``mask`` (H, W) read from ``path`` is its image's (H, W)."""
-    if tuple(mask.shape) != tuple(size):
+def check_mask_mode(path: str | Path, mode: str) -> None:
+    """Raise DataError unless the PIL ``mode`` of the mask at ``path`` holds label indices (palette or grey)."""
+    if mode not in ("P", "L"):
+        raise DataError(f"{path}: mask is {mode}; expected a palette or single-channel PNG of label indices")
+
+
+def check_mask_size(path: str | Path, mask_hw: tuple[int, int], size: tuple[int, int]) -> None:
+    """Raise DataError naming both sizes unless the mask's (H, W) ``mask_hw`` read from ``path`` is its
+    image's (H, W) ``size``."""
+    if tuple(mask_hw) != tuple(size):
         raise DataError(
-            f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is {size[0]}x{size[1]} "
+            f"{path}: mask is {mask_hw[0]}x{mask_hw[1]} but its image is {size[0]}x{size[1]} "
             "(height x width, as displayed: EXIF orientation applied)"
         )
 

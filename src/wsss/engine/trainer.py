@@ -175,8 +175,8 @@ class Trainer:
         self.finished = False  # resumed a run whose final evaluation is already written
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
-            self.finished = self.start_iter >= t.max_iters and self._final_written()  # every rank: they must agree
-            dist.barrier()
+            # on every rank (they must agree); rank 0 below touches neither file it reads
+            self.finished = self.start_iter >= t.max_iters and self._final_written()
             if dist.is_main():
                 remove_temporaries(self.run_dir)
                 trim_metrics(self.run_dir / "metrics.jsonl", self.start_iter,
