@@ -7,7 +7,7 @@ SHARED_WEIGHTS := $(abspath ../shared/weights/vit_small_patch14_dinov2.imgfocus.
 export WSSS_WEIGHTS ?= $(if $(wildcard $(SHARED_WEIGHTS)),$(SHARED_WEIGHTS),)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench faults lint clean
 
 # The 5 GB environment is created only when missing; the package is reinstalled when pyproject.toml changes.
 $(BIN)/python:
@@ -29,6 +29,10 @@ test: venv
 
 bench: venv
 	$(BIN)/wsss bench step --config configs/toco/bench_deit-s.yaml
+
+# kill tiny training runs at random steps and inside writes, resume them, compare with an uninterrupted run
+faults: venv
+	$(BIN)/python scripts/fault_injection.py --trials 8
 
 lint: venv
 	$(BIN)/ruff check src tests

@@ -332,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"wsss: error: {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # out of memory outside the trainer (evaluate, predict): the settings that help
+        from wsss.engine.guard import inference_out_of_memory_advice, is_out_of_memory
+
+        if args.debug or not is_out_of_memory(e):
+            raise
+        device = "cpu" if "DefaultCPUAllocator" in str(e) else "gpu"
+        print(f"wsss: error: {inference_out_of_memory_advice(device)}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `wsss list backbones | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 0

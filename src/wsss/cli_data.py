@@ -22,7 +22,7 @@ def cmd_data(args, extra: list[str]) -> int:
     for sev, msg in problems:
         print(f"{sev}: {msg}")
     n_err = sum(s == "error" for s, _ in problems)
-    print(f"{n_err} errors, {len(problems) - n_err} warnings")
+    print(f"{n_err} errors, {sum(s == 'warning' for s, _ in problems)} warnings")
     return 1 if n_err else 0
 
 

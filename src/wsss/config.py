@@ -278,6 +278,10 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("_base_", None)
+    sections = {f.name for f in dataclasses.fields(RunConfig)} - {"method_name"}
+    for key, value in data.items():  # checked here: merging a base into a scalar section would crash
+        if key in sections and not isinstance(value, (dict, type(None))):
+            raise ConfigError(f"{path}: '{key}' is a section: give its keys on their own lines, got {value!r}")
     if base:
         if not isinstance(base, str):
             raise ConfigError(f"{path}: _base_ must be a file name, got {base!r}")

@@ -398,6 +398,8 @@ def test_tags_csv_from_a_spreadsheet(tmp_path, caplog):
                      "tags.csv:4: a.jpg is listed again with other tags (cat here, dog on line 2)"),
         "case": (b"image,tags\na.jpg,Cat\nb.jpg,cat\n", "tags.csv: tags that differ only in case: Cat/cat"),
         "latin1": ("image,tags\na.jpg,caf\xe9\n".encode("latin-1"), "tags.csv: not UTF-8 text (byte 20)"),
+        "outside": (b"image,tags\n../x.jpg,dog\n", "tags.csv:2: '../x.jpg' is not a file name under images/"),
+        "no name": (b"image,tags\n,dog\n", "tags.csv:2: '' is not a file name under images/"),
     }  # fmt: skip
     for name, (text, expected) in cases.items():
         root = _tagged(tmp_path / name, text)

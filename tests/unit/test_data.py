@@ -49,22 +49,35 @@ def test_folder_errors_name_file(tmp_path):
 
 
 def test_data_check_reports_everything_at_once(tmp_path):
-    root = _folder(tmp_path / "f", [("a.jpg", "dog"), ("b.jpg", "dog"), ("c.png", "dog"), ("d.jpg", "")])
+    rows = [("a.jpg", "dog"), ("b.jpg", "dog"), ("c.png", "dog;dog"), ("d.jpg", "")]
+    root = _folder(tmp_path / "f", rows, size=(16, 16))
     (root / "classes.txt").write_text("dog\ncat\n")
     with open(root / "tags.csv", "a") as f:
         f.write("e.jpg,horse\n")
-    Image.new("RGB", (8, 8)).save(root / "images" / "e.jpg")
+    Image.new("RGB", (15, 40)).save(root / "images" / "e.jpg")
     (root / "images" / "a.jpg").write_bytes(b"garbage")
-    Image.new("RGBA", (8, 8)).save(root / "images" / "c.png")
+    Image.new("RGBA", (16, 16)).save(root / "images" / "c.png")
     write_mask(root / "masks" / "b.png", np.zeros((5, 5), np.uint8), voc_palette().flatten().tolist())
     msgs = [f"{s}: {m}" for s, m in check_root(root)]
     text = "\n".join(msgs)
     assert "a.jpg: corrupt or unreadable image" in text
-    assert "b.png: mask is 5x5 but its image is 8x8" in text
+    assert "b.png: mask is 5x5 but its image is 16x16" in text
     assert "warning" in text and "c.png: image has an alpha channel" in text
     assert "d.jpg: image has no tags" in text
     assert "e.jpg: unknown tag 'horse'" in text
-    assert len(msgs) == 5
+    assert "warning: " + str(root / "images" / "e.jpg") + ": tiny image (40x15)" in text  # 15 px < 16; 16 is fine
+    assert "info: images per class: dog 3" in msgs  # a repeated tag counts its image once
+    assert "warning: 1 of 2 classes are on no image and cannot be learned: cat" in msgs
+    assert len(msgs) == 8
+
+
+def test_data_check_counts_and_prints_only_errors_and_warnings(tmp_path, capsys):
+    from wsss.cli import main
+
+    root = _folder(tmp_path / "f", [("a.jpg", "dog"), ("b.jpg", "dog;cat")], size=(16, 16))
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["info: images per class: cat 1, dog 2", "0 errors, 0 warnings"]
 
 
 def test_train_transform_padding_is_ignored_and_deterministic():

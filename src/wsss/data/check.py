@@ -19,6 +19,7 @@ from wsss.data.io import (
 from wsss.data.voc import LAYOUTS, classes_for_root, is_coco_root, mask_dir, read_cls_labels, voc_root
 
 LARGE_SIDE = 2048  # beyond this a ViT's whole-image evaluation runs out of time or memory on most machines
+TINY_SIDE = 16  # under one ViT patch: the image is upscaled to the crop and its CAM is a few blurred tokens
 
 
 def preflight(ds, progress=None) -> list[str]:
@@ -44,8 +45,25 @@ def preflight(ds, progress=None) -> list[str]:
     return problems
 
 
+def class_counts(items, classes: ClassSpec) -> list[tuple[str, str]]:
+    """One ``info`` line with the number of images tagged with each class that has any, and one warning listing
+    the classes no image carries (their classifier rows only ever see negatives: their CAMs never learn).
+    ``items``: (name, image, mask, tags) tuples."""
+    counts = dict.fromkeys(classes.names, 0)
+    for *_, tags in items:
+        for t in set(tags):
+            if t in counts:
+                counts[t] += 1
+    out = [("info", "images per class: " + (", ".join(f"{c} {n}" for c, n in counts.items() if n) or "none"))]
+    if missing := [c for c, n in counts.items() if n == 0]:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        out.append(("warning", f"{len(missing)} of {len(counts)} classes are on no image and cannot be learned: "
+                    f"{', '.join(missing[:8])}{more}"))  # fmt: skip
+    return out
+
+
 def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
-    out = []
+    out = class_counts(items, classes)
     for _name, img, mask, tags in items:
         if not tags and report_untagged:
             out.append(("error", f"{img}: image has no tags"))
@@ -58,6 +76,9 @@ def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> lis
         if size is not None and max(size) > LARGE_SIDE:
             out.append(("warning", f"{img}: large image ({size[0]}x{size[1]}): slow to train and evaluate at full "
                         f"size; --data.max_side {LARGE_SIDE} reads it downscaled"))  # fmt: skip
+        if size is not None and min(size) < TINY_SIDE:
+            out.append(("warning", f"{img}: tiny image ({size[0]}x{size[1]}): under {TINY_SIDE} px a side it is "
+                        "mostly upscaled padding to the model"))  # fmt: skip
         if mask is not None and mask.is_file() and size is not None:
             try:
                 check_mask_values(mask, read_mask(mask, size), classes.K, classes.ignore_index)

@@ -68,6 +68,9 @@ def read_tags_csv(root: Path, problems: list[tuple[str, str]] | None = None) -> 
             bad(f"{path}:{lineno}: expected 'image,tags', got {','.join(row)!r}")
             continue
         name = row[0].strip()
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:  # rows only name files under images/
+            bad(f"{path}:{lineno}: {name!r} is not a file name under images/")
+            continue
         tags = tuple(t.strip() for t in row[1].split(";") if t.strip())
         if not tags:
             bad(f"{root / 'images' / name}: image has no tags ({path.name}:{lineno})")
@@ -128,7 +131,7 @@ def read_folder(root: Path, split: str | None, classes: ClassSpec | None, no_bac
         mp = root / "masks" / f"{Path(fname).stem}.png"
         items.append(Item(Path(fname).stem, img, mp if mp.is_file() else None, tags))
     if not items:
-        raise DataError(f"{root}: no images listed for split '{split}'")
+        raise DataError(f"{root}: no images listed " + (f"for split '{split}'" if split else "in tags.csv"))
     return items, classes
 
 

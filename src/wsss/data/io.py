@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,10 @@ _SWAPS = (5, 6, 7, 8)  # orientations that turn the picture by 90 degrees (trans
 
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16/32-bit: convert("RGB") clips them to white
+# what Pillow's decoders raise on a damaged file besides OSError (found by tests/integration/test_fuzz.py: a
+# bit-flipped TIFF header gives ValueError "Invalid dimensions", a missing tag TypeError or KeyError)
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError,
+                  EOFError, struct.error, ZeroDivisionError, OverflowError)  # fmt: skip
 
 
 def orientation(im: Image.Image) -> int:
@@ -62,7 +67,9 @@ def image_header(path: str | Path, what: str = "image") -> tuple[str, tuple[int,
         raise DataError(f"{path}: {what} file is missing") from None
     except Image.DecompressionBombError as e:
         raise DataError(_bomb(path, e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except DataError:
+        raise
+    except _DECODE_ERRORS as e:
         raise DataError(f"{path}: corrupt or unreadable {what} ({type(e).__name__}: {e})") from None
 
 
@@ -102,7 +109,9 @@ def inspect_image(path: str | Path) -> tuple[tuple[str, str] | None, tuple[int, 
             im.load()
     except Image.DecompressionBombError as e:
         return ("error", _bomb(path, e)), None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except DataError:
+        raise
+    except _DECODE_ERRORS as e:
         return ("error", f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})"), None
     prob = _mode_problem(path, mode)
     if prob is None and turn != 1:  # masks drawn on the stored pixels would not fit: say which way it is read
@@ -158,7 +167,9 @@ def read_image(path: str | Path, max_side: int = 0) -> np.ndarray:
         raise UnreadableImage(f"{path}: image file is missing") from None
     except Image.DecompressionBombError as e:
         raise DataError(_bomb(path, e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except DataError:
+        raise
+    except _DECODE_ERRORS as e:
         raise UnreadableImage(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
@@ -179,7 +190,9 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
         raise DataError(f"{path}: mask file is missing") from None
     except Image.DecompressionBombError as e:
         raise DataError(_bomb(path, e)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except DataError:
+        raise
+    except _DECODE_ERRORS as e:
         raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
     if size is not None:
         check_mask_size(path, arr.shape, size)

@@ -22,6 +22,42 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message is one line."""
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocator failure: CUDA's ``torch.OutOfMemoryError`` or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+    )
+
+
+def out_of_memory_advice(it: int, device: torch.device, micro: int, accum: int, world: int, crop: int,
+                         amp: torch.dtype | None) -> str:  # fmt: skip
+    """The one-line error for an out-of-memory training step at 0-based iteration ``it``: what was being run
+    (images per forward, crop, how the batch is made up) and what lowers the memory without changing the
+    recipe's batch (``train.micro_batch``), or, at one image per forward, what does change it. ``amp``: the
+    autocast dtype the step ran under (None: full precision)."""
+    precision = {None: "full precision", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]
+    what = (f"iteration {it + 1}: out of {device.type.upper()} memory in a forward/backward of {micro} image(s) at "
+            f"crop {crop} px (train.batch_size {micro * accum * world} = micro_batch {micro} x {accum} accumulation "
+            f"step(s) x {world} process(es), {precision})")  # fmt: skip
+    if micro > 1:
+        return (f"{what}: set train.micro_batch {micro // 2} (gradients accumulate over more forwards; the batch "
+                "and the recipe stay the same)")  # fmt: skip
+    fix = "lower data.crop_size" if amp is not None else "set train.amp bf16 or lower data.crop_size"
+    return f"{what}: already one image per forward; {fix} (this changes the recipe), or a device with more memory"
+
+
+def inference_out_of_memory_advice(device: str, scales=None, flip: bool = False, batch_size: int = 0,
+                                   window: int = 0) -> str:  # fmt: skip
+    """The one-line error for running out of memory in whole-image inference (evaluation, predict, pseudo labels),
+    naming what was asked when known, and the settings that lower its memory."""
+    asked = "" if scales is None else (f" (eval.batch_size {batch_size}, eval.scales {list(scales)}, eval.flip "
+                                       f"{str(flip).lower()}, eval.window {window})")  # fmt: skip
+    return (
+        f"out of {device.upper()} memory in whole-image inference{asked}: set eval.window 448 (seg logits from "
+        "overlapping windows), eval.batch_size 1, fewer eval.scales, or data.max_side 1024 for large images"
+    )
+
+
 class NonFiniteGuard:
     """Decides, once per optimizer step and identically on every process, whether the step is taken.
 

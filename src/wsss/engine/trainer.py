@@ -34,7 +34,14 @@ from wsss.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from wsss.engine.guard import NonFiniteGuard, params_finite
+from wsss.engine.guard import (
+    NonFiniteGuard,
+    TrainingError,
+    inference_out_of_memory_advice,
+    is_out_of_memory,
+    out_of_memory_advice,
+    params_finite,
+)
 from wsss.engine.hooks import Hook, StepInfo, default_hooks
 from wsss.engine.optim import build_optimizer, set_lr
 from wsss.engine.rundir import RunDirError, prepare_new_run, remove_temporaries, trim_metrics
@@ -290,7 +297,14 @@ class Trainer:
         if dist.is_main():
             log.info("iteration %d: evaluating %d images of split %s", it, len(self.val_ds), split)
             progress = tty_progress(f"evaluate {split}", leave=False)  # large images make an evaluation long
-        res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which, progress)
+        try:
+            res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which, progress)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            ev = self.cfg.eval
+            raise TrainingError(f"iteration {it}: " + inference_out_of_memory_advice(
+                self.device.type, ev.scales, ev.flip, ev.batch_size, ev.window)) from e  # fmt: skip
         self.log_record({"iter": it, "split": split, **headline(res)})
         if dist.is_main():
             log.info("iteration %d evaluation:\n%s", it, format_table(res, self.classes))
@@ -339,10 +353,16 @@ class Trainer:
             names += list(batch.get("name", []))
             batch = {k2: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
             sync = nullcontext() if (world == 1 or k == self.accum - 1) else self.model.no_sync()
-            with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                out = self.model(batch, it)
-                loss = out.loss / self.accum
-            self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
+            try:
+                with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    out = self.model(batch, it)
+                    loss = out.loss / self.accum
+                self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise TrainingError(out_of_memory_advice(it, self.device, self.micro, self.accum, world,
+                                                         cfg.data.crop_size, self.amp)) from e  # fmt: skip
             value = float(loss.detach())
             loss_ok &= math.isfinite(value)
             total += value
