@@ -7,7 +7,7 @@ SHARED_WEIGHTS := $(abspath ../shared/weights/vit_small_patch14_dinov2.imgfocus.
 export WSSS_WEIGHTS ?= $(if $(wildcard $(SHARED_WEIGHTS)),$(SHARED_WEIGHTS),)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv demo test bench faults lint clean
+.PHONY: venv demo test test-slow bench faults lint clean
 
 # The 5 GB environment is created only when missing; the package is reinstalled when pyproject.toml changes.
 $(BIN)/python:
@@ -24,8 +24,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/python -m wsss.demo
 
+# the fast suite (under 3 minutes on a 2-core CPU); the end-to-end runs marked slow are a second step
 test: venv
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not slow" tests
+
+test-slow: venv
+	$(BIN)/python -m pytest -m slow tests
 
 bench: venv
 	$(BIN)/wsss bench step --config configs/toco/bench_deit-s.yaml
