@@ -1,6 +1,6 @@
 """Run configuration: frozen dataclasses filled from YAML recipes plus dotted command-line overrides.
 
-Why our own ~150 lines rather than jsonargparse (named in DESIGN.md): the ``method`` section's schema
+Why our own ~150 lines rather than jsonargparse (the usual choice): the ``method`` section's schema
 depends on the method chosen (each method owns a ``Config`` dataclass) and on the modules it stacks;
 resolving that in two phases is simplest with plain dataclasses, and it keeps ``wsss --help`` free of
 heavy imports. What jsonargparse would give is kept: strict typed validation, unknown keys rejected
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("wsss")
 
 
 class ConfigError(ValueError):
@@ -352,6 +355,13 @@ def resolve(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config key 'method' is a section: give its keys (--method.KEY VALUE), got "
                           f"{data['method']!r}")  # fmt: skip
     method_sec = dict(data.pop("method", None) or {})
+    if "bkg_thre" in method_sec:  # run directories written while the toco family had its own copy
+        moved, ev = method_sec.pop("bkg_thre"), dict(data.get("eval") or {})
+        if "bkg_thre" not in ev:
+            data["eval"] = {**ev, "bkg_thre": moved}
+        elif ev["bkg_thre"] != moved:
+            log.warning("config key 'method.bkg_thre' (%s) is no longer read: CAMs are scored at eval.bkg_thre (%s); "
+                        "--eval.bkg_thre %s scores them as before", moved, ev["bkg_thre"], moved)  # fmt: skip
     name = method_sec.pop("name", "toco")
     try:
         method_cls = METHODS.get(name)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from wsss.data.classes import VOC, ClassSpec, voc_palette
-from wsss.data.io import DataError, atomic_write, image_problem, read_image, read_mask, write_mask
+from wsss.data.io import DataError, atomic_write, inspect_image, read_image, read_mask, write_mask
 
 
 def test_voc_palette_known_entries():
@@ -42,13 +42,13 @@ def test_image_problems_named(tmp_path):
     Image.new("L", (4, 4)).save(tmp_path / "g.png")
     Image.new("I;16", (4, 4)).save(tmp_path / "d.png")
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    assert image_problem(tmp_path / "a.png")[0] == "warning"
-    assert image_problem(tmp_path / "g.png")[0] == "warning"
-    assert image_problem(tmp_path / "d.png") == (
+    assert inspect_image(tmp_path / "a.png")[0][0] == "warning"
+    assert inspect_image(tmp_path / "g.png")[0][0] == "warning"
+    assert inspect_image(tmp_path / "d.png")[0] == (
         "error",
         f"{tmp_path / 'd.png'}: I;16 (16/32-bit) image; convert it to 8-bit RGB",
     )
-    assert image_problem(tmp_path / "bad.jpg")[0] == "error"
+    assert inspect_image(tmp_path / "bad.jpg")[0][0] == "error"
     assert read_image(tmp_path / "g.png").shape == (4, 4, 3)
     with pytest.raises(DataError, match="16/32-bit"):
         read_image(tmp_path / "d.png")

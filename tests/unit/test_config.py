@@ -40,3 +40,27 @@ def test_recipe_of_an_extending_method_inherits_the_base_method_settings():
         assert cfg.data == base.data and cfg.optim == base.optim
     assert load_config("configs/cpf_cte/coco_vit-b.yaml").method.high_thre == 0.65
     assert load_config("configs/stcl/voc_vit-b.yaml").method.temporal_contrast.size == 256
+
+
+def test_the_cam_background_threshold_has_one_home(tmp_path, caplog):
+    """eval.bkg_thre is the only CAM scoring threshold (the toco family's own copy used to win over it, so
+    --eval.bkg_thre did nothing); a run directory's method.bkg_thre of that time is read as eval.bkg_thre, or,
+    when the file also sets eval.bkg_thre, ignored with a warning that says how to score as before."""
+    from wsss.build import build_method
+    from wsss.evaluation.evaluators import build_evaluators
+
+    cfg = load_config("configs/toco/coco_vit-b.yaml", ["--eval.bkg_thre", "0.3"])
+    assert cfg.eval.bkg_thre == 0.3 and not hasattr(cfg.method, "bkg_thre")
+    assert load_config("configs/toco/coco_vit-b.yaml").eval.bkg_thre == 0.45
+    cfg = load_config(None, ["--model.backbone", "test_vit", "--model.weights", "none", "--eval.bkg_thre", "0.3"])
+    from wsss.data.classes import ClassSpec
+
+    cam = [e for e in build_evaluators(build_method(cfg, ClassSpec(("a", "b"))), ClassSpec(("a", "b")), cfg.eval,
+                                       ("cam",))]  # fmt: skip
+    assert [e.bkg for e in cam] == [0.3]
+    old = tmp_path / "config.yaml"
+    old.write_text("method:\n  name: toco\n  bkg_thre: 0.45\n")
+    assert load_config(old).eval.bkg_thre == 0.45
+    old.write_text("method:\n  name: toco\n  bkg_thre: 0.45\neval:\n  bkg_thre: 0.5\n")
+    assert load_config(old).eval.bkg_thre == 0.5
+    assert "method.bkg_thre' (0.45) is no longer read" in caplog.text and "--eval.bkg_thre 0.45" in caplog.text

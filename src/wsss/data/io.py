@@ -90,16 +90,10 @@ def _bomb(path: Path, e: Exception) -> str:
             "huge scan: downscale it before use)")  # fmt: skip
 
 
-def image_problem(path: str | Path) -> tuple[str, str] | None:
-    """Check one image; returns (severity, message) or None when fine.
-
-    Severity "error" means the file cannot be used; "warning" means it is converted on read.
-    """
-    return inspect_image(path)[0]
-
-
 def inspect_image(path: str | Path) -> tuple[tuple[str, str] | None, tuple[int, int] | None]:
-    """(problem as :func:`image_problem` gives it, displayed (H, W) when the file decodes): one open, one decode."""
+    """(problem, displayed (H, W) when the file decodes), one open and one decode. The problem is None when the
+    image is fine, else (severity, message): "error" means the file cannot be used, "warning" that it is
+    converted on read."""
     path = Path(path)
     if not path.is_file():
         return ("error", f"{path}: image file is missing"), None

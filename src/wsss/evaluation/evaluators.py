@@ -185,9 +185,7 @@ def build_evaluators(method, classes: ClassSpec, ecfg, which: tuple[str, ...]) -
     if "seg" in which:
         evs.append(SegEvaluator(classes))
     if method.has_cams and "cam" in which:
-        evs.append(
-            CAMEvaluator(classes, method.cfg.bkg_thre if hasattr(method.cfg, "bkg_thre") else ecfg.bkg_thre, ecfg.sweep)
-        )
+        evs.append(CAMEvaluator(classes, ecfg.bkg_thre, ecfg.sweep))
     if method.has_cams and "pseudo" in which:
         evs.append(PseudoLabelEvaluator(classes))
     return evs

@@ -1,7 +1,7 @@
 """``cpf_cte``: context patch fusion (CF-BiLSTM) + class token enhancement on the ToCo pipeline.
 
 The paper publishes the two ideas, not their code or settings; the choices below are ours
-(following the project's proposed design in seed-methods.md), each a module that stacks on any
+(docs/methods.md gives them with their measurements), each a module that stacks on any
 recipe with ``method.modules``:
 
 - ``cf_bilstm``: after the blocks in ``blocks`` (default: the last, before the final norm), the patch

@@ -1,6 +1,6 @@
 """``fsr``: progressive feature self-reinforcement (FSR) on the single-stage pipeline, three stackable modules.
 
-Facts from FSR's public code (seed-methods.md, appendix A) and where we differ:
+Facts from FSR's public code (``Jessie459/feature-self-reinforcement``) and where we differ:
 
 - ``ema_teacher``: a full copy of the network (backbone, heads and every other module, built after all
   of them), no gradient, always in eval mode, updated after each optimizer step by EMA with momentum

@@ -1,7 +1,7 @@
 """``stcl``: spatio-temporal contrastive learning on the ToCo pipeline.
 
 The paper (Opt. Precision Eng. 2026) publishes the ideas and VOC 72.7 / COCO 43.6 mIoU, no code;
-the choices below are ours, following the project's proposed design (seed-methods.md).
+the choices below are ours (docs/methods.md gives them with their measurements).
 
 The *spatial* part, "patch-level and class-level token contrastive strategies on ViT token
 representations", is most plausibly ToCo's own patch-token contrast (PTC) and class-token contrast

@@ -68,7 +68,6 @@ class ToCo(ModuleHost, Method):
 
         high_thre: float = 0.7
         low_thre: float = 0.25
-        bkg_thre: float = 0.5  # background threshold when CAMs are scored as labels
         cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5)
         cam_flip: bool = True
         par_iters: int = 10
