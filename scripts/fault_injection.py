@@ -56,6 +56,7 @@ def child(kind: str, at: int, argv: list[str]) -> int:
     from wsss.cli import main
 
     def die() -> None:
+        Path(os.environ["WSSS_FAULT_MARK"]).touch()  # so the parent knows this exit was its kill, under torchrun too
         os.kill(os.getpid(), signal.SIGKILL)
 
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -140,23 +141,39 @@ def _logged(run: Path) -> int:
     return done
 
 
-def _run(cmd: list[str], env: dict, log: Path, kill_after_iter: int = 0, timeout: float = 600) -> int:
+def _ckpt_iter(run: Path) -> int:
+    """The iteration of the run's checkpoints/last.pt (0 when there is none)."""
+    import torch
+
+    path = run / "checkpoints" / "last.pt"
+    return int(torch.load(path, weights_only=True)["iter"]) if path.is_file() else 0
+
+
+def _run(cmd: list[str], env: dict, log: Path, kill_after_iter: int = 0, timeout: float = 600) -> tuple[int, bool]:
     """Run ``cmd`` (its output appended to ``log``); with ``kill_after_iter`` > 0, SIGKILL its process group
-    once that iteration is logged. Returns the exit status (negative: killed by that signal)."""
+    once this process has logged that iteration. Returns (exit status, whether it died of our kill)."""
     run = Path(cmd[cmd.index("--run-dir") + 1]) if "--run-dir" in cmd else Path(cmd[cmd.index("--resume") + 1])
+    mark = log.with_suffix(".killed")
+    mark.unlink(missing_ok=True)
+    metrics = run / "metrics.jsonl"
     with open(log, "a") as out:  # a file, not a pipe: a full pipe would block the child
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
+        launched = time.time()
+        p = subprocess.Popen(cmd, cwd=REPO, env=env | {"WSSS_FAULT_MARK": str(mark)}, stdout=out, stderr=out,
+                             start_new_session=True)  # fmt: skip
         start = time.monotonic()
         while p.poll() is None:
-            if kill_after_iter and _logged(run) >= kill_after_iter:
+            # records left by an earlier killed run count only once this run has rewritten the file (resume trims it)
+            fresh = metrics.is_file() and metrics.stat().st_mtime > launched
+            if kill_after_iter and fresh and _logged(run) >= kill_after_iter:
+                mark.touch()
                 os.killpg(p.pid, signal.SIGKILL)
             if time.monotonic() - start > timeout:
                 os.killpg(p.pid, signal.SIGKILL)
                 raise RuntimeError(f"{' '.join(cmd)}: no exit within {timeout} s (a hang); see {log}")
             time.sleep(0.005)
-    return p.returncode
+    return p.returncode, mark.is_file()
 
 
 def _compare(ref: Path, run: Path) -> list[str]:
@@ -186,7 +203,13 @@ def _compare(ref: Path, run: Path) -> list[str]:
         elif x != y and not (isinstance(x, float) and x != x and y != y):
             bad.append(f"{where}: {x!r} != {y!r}")
 
-    walk({k: v for k, v in a.items() if k != "best"}, {k: v for k, v in b.items() if k != "best"}, "last.pt")
+    walk(a, b, "last.pt")
+    if (ref / "checkpoints" / "best.pt").is_file():
+        if not (run / "checkpoints" / "best.pt").is_file():
+            bad.append("best.pt missing")
+        else:
+            walk(torch.load(ref / "checkpoints" / "best.pt", weights_only=True),
+                 torch.load(run / "checkpoints" / "best.pt", weights_only=True), "best.pt")  # fmt: skip
 
     def steps(r):
         recs = []
@@ -224,15 +247,17 @@ def trial(ref: Path, run: Path, argv: list[str], rng: random.Random, kills: int,
             args = [*argv, "--overwrite"] if run.exists() else argv
         if len(told) < kills:
             kind = rng.choice(KINDS)
-            if kind == "step":
-                at = rng.randint(max(1, _logged(run)), ITERS)
-                rc = _run(_cmd(nproc, "none", 0, args), env, log, kill_after_iter=at)
-            else:
-                at = rng.randint(1, {"ckpt-write": ITERS // 2, "log-write": ITERS, "final-eval": 1}[kind])
-                rc = _run(_cmd(nproc, kind, at, args), env, log)
+            if kind == "step":  # a step this process will run: after its checkpoint
+                at = rng.randint(min(_ckpt_iter(run) + 1, ITERS), ITERS)
+                rc, killed = _run(_cmd(nproc, "none", 0, args), env, log, kill_after_iter=at)
+            else:  # a fresh run writes 3 checkpoints and best.pt, and 6 step records and the final evaluation's
+                at = rng.randint(1, {"ckpt-write": ITERS // 2 + 1, "log-write": ITERS + 1, "final-eval": 1}[kind])
+                rc, killed = _run(_cmd(nproc, kind, at, args), env, log)
+            if rc != 0 and not killed:
+                return f"FAIL {run.name}: killed at {', '.join(told)}; then `{kind}@{at}` exited {rc} (see {log})"
             told.append(f"{kind}@{at}" + (" (ran to the end)" if rc == 0 else ""))
         else:
-            rc = _run(_cmd(nproc, "none", 0, args), env, log)
+            rc, _ = _run(_cmd(nproc, "none", 0, args), env, log)
             if rc != 0:
                 return f"FAIL {run.name}: killed at {', '.join(told)}; the next run exited {rc} (see {log})"
         if rc == 0:
@@ -255,7 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", help="keep the run directories here")
     args = p.parse_args(argv)
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="wsss-faults-"))
+    stamp, made = tmp / ".wsss-faults", json.dumps({"modules": args.modules, "nproc": args.nproc})
+    if tmp.is_dir() and any(tmp.iterdir()) and not stamp.is_file():
+        print(f"{tmp}: not empty and not made by this script; give an empty or new --keep folder", file=sys.stderr)
+        return 2
     tmp.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file() or stamp.read_text() != made:  # another module set or process count: a new reference
+        shutil.rmtree(tmp / "reference", ignore_errors=True)
+    stamp.write_text(made)
     env = _env(tmp)
     data = tmp / "demo"
     if not data.is_dir():
@@ -265,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = tmp / "reference"
     if not (ref / "final_eval.json").is_file():
         shutil.rmtree(ref, ignore_errors=True)
-        if _run(_cmd(args.nproc, "none", 0, [*base, "--run-dir", str(ref)]), env, tmp / "reference.log") != 0:
+        if _run(_cmd(args.nproc, "none", 0, [*base, "--run-dir", str(ref)]), env, tmp / "reference.log")[0] != 0:
             print("FAIL reference run did not finish", file=sys.stderr)
             return 1
     rng = random.Random(args.seed)

@@ -338,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not is_out_of_memory(e):
             raise
         device = "cpu" if "DefaultCPUAllocator" in str(e) else "gpu"
-        print(f"wsss: error: {inference_out_of_memory_advice(device)}", file=sys.stderr)
+        if args.cmd in ("evaluate", "predict", "pseudo-labels", "report"):
+            print(f"wsss: error: {inference_out_of_memory_advice(device)}", file=sys.stderr)
+        else:
+            print(f"wsss: error: out of {device.upper()} memory in `wsss {args.cmd}` ({one_line(e)[:200]})",
+                  file=sys.stderr)  # fmt: skip
         return 1
     except BrokenPipeError:  # `wsss list backbones | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again

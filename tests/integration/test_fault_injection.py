@@ -12,15 +12,19 @@ import fault_injection  # noqa: E402
 
 @pytest.mark.slow
 def test_runs_killed_at_every_moment_resume_bit_identical(tmp_path, capsys):
-    # seed 69 draws step, ckpt-write (trial 0), then log-write, final-eval (trial 1)
+    # seed 69 draws a kill after step 1 then inside the first checkpoint write (trial 0), then half-way through
+    # the third metrics record and inside the final evaluation (trial 1); each must be a kill of ours
     rc = fault_injection.main(["--trials", "2", "--kills", "2", "--seed", "69", "--modules", "none",
-                               "--keep", str(tmp_path)])  # fmt: skip
+                               "--keep", str(tmp_path / "k")])  # fmt: skip
     out = capsys.readouterr().out.splitlines()
     assert rc == 0, out
-    assert out[0].startswith("ok   trial0: killed at step@") and "ckpt-write@" in out[0]
-    assert out[1].startswith("ok   trial1: killed at log-write@") and "final-eval@1" in out[1]
-    assert all(ln.endswith(": bit-identical") for ln in out[:2])
+    assert out[:2] == ["ok   trial0: killed at step@1, ckpt-write@1: bit-identical",
+                       "ok   trial1: killed at log-write@3, final-eval@1: bit-identical"]  # fmt: skip
     assert out[2].startswith("2 of 2 trials bit-identical")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's")
+    assert fault_injection.main(["--trials", "1", "--keep", str(tmp_path / "mine")]) == 2  # not its folder
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's"
 
 
 def test_the_comparison_names_what_a_broken_resume_changed(tmp_path):

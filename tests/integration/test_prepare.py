@@ -197,3 +197,17 @@ def test_data_check_reads_a_coco_root_with_coco_classes(tmp_path, capsys):
     errors = [m for m in out.splitlines() if m.startswith("error")]
     assert "unknown tag 'aeroplane'" in out and f"val2014/{names['val']}.jpg" in out
     assert not any("giraffe" in m for m in errors)
+
+
+def test_cls_labels_of_the_wrong_shape_are_one_line(tmp_path, capsys):
+    """Nested lists or a list at the top of cls_labels.json: one line naming the file (was a TypeError in
+    data check's class counts)."""
+    root = tmp_path / "voc"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("x\n")
+    for text, expected in (('{"x": [["dog"]]}', "cls_labels.json: 'x': tags must be a list of class names, got "
+                            "[['dog']]"), ('["dog"]', "cls_labels.json: expected an object")):  # fmt: skip
+        (root / "cls_labels.json").write_text(text)
+        assert main(["data", "check", str(root)]) == 1
+        out = capsys.readouterr().out
+        assert expected in out and "Traceback" not in out

@@ -85,3 +85,11 @@ def test_results_json_puts_each_number_list_on_one_line():
     )
     assert len(text.splitlines()) < 81 + 20  # one line a matrix row (json.dumps(indent=2): 6,700 lines)
     assert '"iou": [0.5, NaN, 1e-07, -2.0]' in text
+
+
+def test_a_programming_error_in_a_read_is_not_called_a_bad_file(tmp_path):
+    """Only errors raised inside Pillow (or I/O errors) make an image 'corrupt': a TypeError from our own code
+    is raised as it is, so training does not skip every image as unreadable."""
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    with pytest.raises(TypeError):
+        read_image(tmp_path / "a.png", max_side="8")

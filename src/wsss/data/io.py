@@ -32,6 +32,17 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Type
                   EOFError, struct.error, ZeroDivisionError, OverflowError)  # fmt: skip
 
 
+def _decoder_failed(e: BaseException) -> bool:
+    """True when ``e`` (one of _DECODE_ERRORS) means the file is damaged: an I/O error, or an error raised inside
+    Pillow. A ValueError or TypeError raised by our own code (a programming error) is not a bad file."""
+    if isinstance(e, (OSError, UnidentifiedImageError, SyntaxError, EOFError, struct.error)):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}PIL{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
 def orientation(im: Image.Image) -> int:
     """The EXIF orientation (1-8) of an open image; 1 when it has none or it is unreadable."""
     try:
@@ -70,6 +81,8 @@ def image_header(path: str | Path, what: str = "image") -> tuple[str, tuple[int,
     except DataError:
         raise
     except _DECODE_ERRORS as e:
+        if not _decoder_failed(e):
+            raise
         raise DataError(f"{path}: corrupt or unreadable {what} ({type(e).__name__}: {e})") from None
 
 
@@ -106,6 +119,8 @@ def inspect_image(path: str | Path) -> tuple[tuple[str, str] | None, tuple[int, 
     except DataError:
         raise
     except _DECODE_ERRORS as e:
+        if not _decoder_failed(e):
+            raise
         return ("error", f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})"), None
     prob = _mode_problem(path, mode)
     if prob is None and turn != 1:  # masks drawn on the stored pixels would not fit: say which way it is read
@@ -164,6 +179,8 @@ def read_image(path: str | Path, max_side: int = 0) -> np.ndarray:
     except DataError:
         raise
     except _DECODE_ERRORS as e:
+        if not _decoder_failed(e):
+            raise
         raise UnreadableImage(f"{path}: corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
 
@@ -187,6 +204,8 @@ def read_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     except DataError:
         raise
     except _DECODE_ERRORS as e:
+        if not _decoder_failed(e):
+            raise
         raise DataError(f"{path}: corrupt or unreadable mask ({type(e).__name__}: {e})") from None
     if size is not None:
         check_mask_size(path, arr.shape, size)

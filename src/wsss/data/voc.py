@@ -57,9 +57,15 @@ def read_cls_labels(root: Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise DataError(f"{path}: image-level labels missing; run `wsss prepare` on {root}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    if not isinstance(labels, dict):
+        raise DataError(f"{path}: expected an object {{image name: [tag, ...]}}, got {type(labels).__name__}")
+    for name, tags in labels.items():
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise DataError(f"{path}: {name!r}: tags must be a list of class names, got {tags!r}"[:300])
+    return labels
 
 
 def classes_for_root(root: Path, default: ClassSpec = VOC) -> ClassSpec:

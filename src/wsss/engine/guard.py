@@ -22,10 +22,16 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message is one line."""
 
 
+# what allocator failures say when they come as a plain RuntimeError (cuBLAS/cuDNN handles, the CUDA runtime,
+# Apple's MPS, the CPU allocator) rather than as torch.OutOfMemoryError
+_OOM_TEXT = ("DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+             "CUDNN_STATUS_ALLOC_FAILED", "MPS backend out of memory")  # fmt: skip
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    """True for an allocator failure: CUDA's ``torch.OutOfMemoryError`` or the CPU allocator's RuntimeError."""
+    """True for an allocator failure: ``torch.OutOfMemoryError`` or a RuntimeError with one of their messages."""
     return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
+        isinstance(e, RuntimeError) and any(t in str(e) for t in _OOM_TEXT)
     )
 
 
@@ -33,14 +39,15 @@ def out_of_memory_advice(it: int, device: torch.device, micro: int, accum: int, 
                          amp: torch.dtype | None) -> str:  # fmt: skip
     """The one-line error for an out-of-memory training step at 0-based iteration ``it``: what was being run
     (images per forward, crop, how the batch is made up) and what lowers the memory without changing the
-    recipe's batch (``train.micro_batch``), or, at one image per forward, what does change it. ``amp``: the
-    autocast dtype the step ran under (None: full precision)."""
+    recipe's batch (a smaller ``train.micro_batch`` that divides the per-process batch), or, at one image
+    per forward, what does change it. ``amp``: the autocast dtype the step ran under (None: full precision)."""
     precision = {None: "full precision", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]
-    what = (f"iteration {it + 1}: out of {device.type.upper()} memory in a forward/backward of {micro} image(s) at "
-            f"crop {crop} px (train.batch_size {micro * accum * world} = micro_batch {micro} x {accum} accumulation "
-            f"step(s) x {world} process(es), {precision})")  # fmt: skip
+    what = (f"iteration {it + 1}: out of {device.type.upper()} memory in a training step of {micro} image(s) per "
+            f"forward at crop {crop} px (train.batch_size {micro * accum * world} = micro_batch {micro} x {accum} "
+            f"accumulation step(s) x {world} process(es), {precision})")  # fmt: skip
     if micro > 1:
-        return (f"{what}: set train.micro_batch {micro // 2} (gradients accumulate over more forwards; the batch "
+        smaller = max(d for d in range(1, micro) if (micro * accum) % d == 0)  # the trainer refuses non-divisors
+        return (f"{what}: set train.micro_batch {smaller} (gradients accumulate over more forwards; the batch "
                 "and the recipe stay the same)")  # fmt: skip
     fix = "lower data.crop_size" if amp is not None else "set train.amp bf16 or lower data.crop_size"
     return f"{what}: already one image per forward; {fix} (this changes the recipe), or a device with more memory"

@@ -342,7 +342,18 @@ class Trainer:
     def run_step(self, it: int, data) -> StepInfo:
         """One optimizer step at 0-based iteration ``it``: ``accum`` micro-batches from ``data`` (forward under
         autocast, backward, DDP sync on the last), then the non-finite guard decides whether the optimizer
-        steps (skipped: weights, optimizer and the method's queued bank writes stay as they were)."""
+        steps (skipped: weights, optimizer and the method's queued bank writes stay as they were). Running out
+        of memory anywhere in it (loading, forward, backward, the optimizer's first state, the methods' banks)
+        is a one-line TrainingError naming the batch make-up and what lowers the memory."""
+        try:
+            return self._step(it, data)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            raise TrainingError(out_of_memory_advice(it, self.device, self.micro, self.accum, dist.world_size(),
+                                                     self.cfg.data.crop_size, self.amp)) from e  # fmt: skip
+
+    def _step(self, it: int, data) -> StepInfo:
         cfg, world = self.cfg, dist.world_size()
         lr = set_lr(self.opt, it, cfg.train.max_iters, cfg.optim)
         logs: dict[str, float] = {}
@@ -353,16 +364,10 @@ class Trainer:
             names += list(batch.get("name", []))
             batch = {k2: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
             sync = nullcontext() if (world == 1 or k == self.accum - 1) else self.model.no_sync()
-            try:
-                with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    out = self.model(batch, it)
-                    loss = out.loss / self.accum
-                self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
-            except RuntimeError as e:
-                if not is_out_of_memory(e):
-                    raise
-                raise TrainingError(out_of_memory_advice(it, self.device, self.micro, self.accum, world,
-                                                         cfg.data.crop_size, self.amp)) from e  # fmt: skip
+            with sync, torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                out = self.model(batch, it)
+                loss = out.loss / self.accum
+            self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
             value = float(loss.detach())
             loss_ok &= math.isfinite(value)
             total += value
