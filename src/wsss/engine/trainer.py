@@ -177,6 +177,9 @@ class Trainer:
         self.start_iter = 0
         self.best: dict = {}  # {"seg_miou", "iter"} of checkpoints/best.pt
         self.guard = NonFiniteGuard(t.nan_patience)
+        # running statistics move in the forward, before the guard decides: a skipped step puts them back
+        self._norms = [m for m in self.method.modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]  # fmt: skip
         self.hooks = default_hooks() if hooks is None else list(hooks)
         self.results: dict | None = None  # the final evaluation, once fit has run (EvalHook)
         self.finished = False  # resumed a run whose final evaluation is already written
@@ -355,6 +358,7 @@ class Trainer:
 
     def _step(self, it: int, data) -> StepInfo:
         cfg, world = self.cfg, dist.world_size()
+        norm_stats = [[b.clone() for b in m.buffers(recurse=False)] for m in self._norms]
         lr = set_lr(self.opt, it, cfg.train.max_iters, cfg.optim)
         logs: dict[str, float] = {}
         total = 0.0
@@ -391,6 +395,10 @@ class Trainer:
             if self.scaler.is_enabled():  # reset its per-step state (unscale_ may have run) and back the scale off
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
             self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for m, saved in zip(self._norms, norm_stats):
+                    for b, v in zip(m.buffers(recurse=False), saved):
+                        b.copy_(v)
             self.method.on_step_skipped(it)
         return StepInfo(it + 1, lr, total, logs, taken)
 
