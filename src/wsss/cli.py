@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from wsss.progress import tty_progress
+from wsss.utils.progress import tty_progress
 
 log = logging.getLogger("wsss")
 
@@ -46,15 +46,15 @@ def cmd_train(args, extra: list[str]) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from wsss.engine import dist
     from wsss.engine.trainer import Trainer, default_run_dir
+    from wsss.utils import dist
 
     if not args.resume:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite)
     if args.resume and extra:  # overrides given at resume (e.g. a longer schedule) are part of the record
         if dist.is_main():
-            from wsss.data.io import atomic_write
+            from wsss.utils.files import atomic_write
 
             text = dump_config(cfg)
             atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(text))
@@ -70,11 +70,12 @@ def cmd_evaluate(args, extra: list[str]) -> int:
     from wsss.build import build_eval_dataset
     from wsss.data.io import DataError
     from wsss.data.loader import eval_loader
-    from wsss.engine import dist
     from wsss.evaluation.evaluators import format_table, run_evaluation
+    from wsss.utils import dist
 
     cfg, method, classes, device, run_dir = load_run(args.target, extra)
-    from wsss.data.io import atomic_write, dumps_results, ensure_writable
+    from wsss.data.io import dumps_results, ensure_writable
+    from wsss.utils.files import atomic_write
 
     out = Path(args.out) if args.out else run_dir / f"eval_{args.split or cfg.eval.split or cfg.data.val_split}.json"
     ensure_writable(out.parent)  # before the evaluation, not after it
@@ -256,10 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         dm.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     dc = dsub.add_parser("check", help="report every problem of a dataset root")
     dc.add_argument("root")
-    dc.add_argument("--dataset", default="auto", choices=["auto", "voc", "coco", "folder"])
+    dc.add_argument("--dataset", default="auto", help="a registered dataset (`wsss list datasets`); auto: by the files")
     d.set_defaults(fn=cmd_data)
     pr = sub.add_parser("prepare", help="one-off dataset conversion")
-    pr.add_argument("dataset", choices=["voc", "coco"])
+    pr.add_argument("dataset", help="a registered dataset with a conversion: voc (VOC 2012 + SBD), coco (COCO 2014)")
     pr.add_argument("root")
     pr.add_argument("--sbd", metavar="DIR", help="voc: SBD's benchmark_RELEASE, to build SegmentationClassAug")
     pr.add_argument("--overwrite", action="store_true", help="voc: replace an existing train_aug.txt, cls_labels.json")

@@ -1,4 +1,4 @@
-"""The ``wsss`` subcommands about data and what is registered: ``data demo|check``, ``prepare voc|coco``
+"""The ``wsss`` subcommands about data and what is registered: ``data demo|check``, ``prepare DATASET``
 and ``list``. Heavy imports stay inside."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ def cmd_data(args, extra: list[str]) -> int:
         return 0
     from wsss.data.check import check_root
 
+    _dataset(args.dataset, allow_auto=True)
     problems = check_root(args.root, args.dataset)
     for sev, msg in problems:
         print(f"{sev}: {msg}")
@@ -26,19 +27,33 @@ def cmd_data(args, extra: list[str]) -> int:
     return 1 if n_err else 0
 
 
+def _dataset(name: str, allow_auto: bool = False):
+    """The registered dataset ``name`` (None for ``auto``); a UsageError naming the known ones otherwise."""
+    from wsss.cli import UsageError
+    from wsss.registry import DATASETS
+
+    if allow_auto and name == "auto":
+        return None
+    try:
+        return DATASETS.get(name)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+
+
 def cmd_prepare(args, extra: list[str]) -> int:
-    """`wsss prepare voc|coco`: one-off conversion of a dataset root."""
-    from wsss.data import prepare
+    """`wsss prepare DATASET ROOT`: the dataset's one-off conversion of a downloaded root."""
+    from pathlib import Path
 
-    if args.sbd and args.dataset != "voc":
-        from wsss.cli import UsageError
+    from wsss.cli import UsageError
+    from wsss.data.spec import DatasetSpec
+    from wsss.registry import DATASETS
 
-        raise UsageError("--sbd belongs to `wsss prepare voc`")
-    if args.dataset == "voc":
-        counts = prepare.prepare_voc(args.root, args.sbd, args.overwrite)
-    else:
-        counts = prepare.prepare_coco(args.root)
-    print(json.dumps(counts))
+    spec = _dataset(args.dataset)
+    if not (isinstance(spec, DatasetSpec) and spec.can_prepare()):
+        able = [n for n, e in sorted(DATASETS.entries().items()) if isinstance(e, DatasetSpec) and e.can_prepare()]
+        raise UsageError(f"dataset '{args.dataset}' has no `wsss prepare` conversion; datasets with one: "
+                         f"{', '.join(able)}")  # fmt: skip
+    print(json.dumps(spec.prepare(Path(args.root), args.sbd, args.overwrite)))
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss.progress import tty_progress
+from wsss.utils.progress import tty_progress
 
 
 def cmd_pseudo_labels(args, extra: list[str]) -> int:
@@ -90,7 +90,7 @@ def cmd_export(args, extra: list[str]) -> int:
 
 def cmd_report(args, extra: list[str]) -> int:
     """`wsss report`: one HTML page with training curves, per-class scores, confusion matrix and samples."""
-    from wsss.viz.run_report import build_report
+    from wsss.report import build_report
 
     page = build_report(args.target, args.out or None, args.split, args.samples, args.overwrite, extra,
                         tty_progress("evaluate"))  # fmt: skip

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from wsss.config import drop_section, load_config
-from wsss.data.io import atomic_write, read_mask
+from wsss.data.io import read_mask
 from wsss.engine.trainer import Trainer
 from wsss.recipes import recipe_dir
+from wsss.utils.files import atomic_write
 
 log = logging.getLogger("wsss")
 

@@ -42,6 +42,11 @@ class Registry:
             raise KeyError(f"unknown {self.kind} '{name}'{hint}; known: {', '.join(sorted(self._items))}")
         return self._items[name]
 
+    def entries(self) -> dict[str, Any]:
+        """{name: entry} of every registered entry (a copy)."""
+        _load_builtins()
+        return dict(self._items)
+
     def names(self) -> list[str]:
         """Sorted registered names."""
         _load_builtins()
@@ -58,11 +63,16 @@ BACKBONES = Registry("backbone")
 CRF = Registry("crf backend")
 MODULES = Registry("pipeline module")
 
+# The packages whose files register the built-in entries: each package's __init__ imports its own files.
+BUILTIN_PACKAGES = ("wsss.methods", "wsss.data.datasets", "wsss.models", "wsss.cam")
+PLUGIN_GROUP = "wsss.plugins"
+
 _loaded = False
 
 
 def _load_builtins() -> None:
-    """Import the modules that register built-in entries, then plugins; done once, lazily."""
+    """Import the built-in packages, then every ``wsss.plugins`` entry point; done once, lazily (on the first
+    lookup, so ``import wsss`` stays light)."""
     global _loaded
     if _loaded:
         return
@@ -70,14 +80,10 @@ def _load_builtins() -> None:
     import importlib
     from importlib.metadata import entry_points
 
-    for mod in (
-        "wsss.methods",
-        "wsss.data.voc",
-        "wsss.data.folder",
-        "wsss.models.backbone",
-        "wsss.models.cnn",
-        "wsss.cam.crf",
-    ):
-        importlib.import_module(mod)
-    for ep in entry_points(group="wsss.plugins"):
-        ep.load()
+    for package in BUILTIN_PACKAGES:
+        importlib.import_module(package)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # the plugin's own bug: name it, keep its traceback as the cause
+            raise ImportError(f"wsss plugin '{ep.name}' ({ep.value}) failed to load: {type(e).__name__}: {e}") from e

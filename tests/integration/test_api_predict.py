@@ -76,8 +76,8 @@ def test_bad_inputs_are_plain_errors(run):
 
 
 def test_summaries_fit_and_overlay_by_hand():
-    from wsss.api import fit_max_side, summarize_mask
     from wsss.data.classes import ClassSpec
+    from wsss.evaluation.inference import fit_max_side, summarize_mask
     from wsss.viz.overlay import SWATCH, blend, overlay_panel
 
     spec = ClassSpec(("a", "b"), background=True)

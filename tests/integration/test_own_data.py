@@ -11,7 +11,7 @@ from wsss.cli import main
 from wsss.config import ConfigError, load_config
 from wsss.data.check import check_root
 from wsss.data.classes import ClassSpec, voc_palette
-from wsss.data.folder import held_out
+from wsss.data.datasets.folder import held_out
 from wsss.data.io import DataError, image_size, read_image, read_mask, write_mask
 from wsss.data.loader import SizeBatchSampler
 from wsss.evaluation.evaluators import TagEvaluator, format_table, headline

@@ -211,3 +211,26 @@ def test_cls_labels_of_the_wrong_shape_are_one_line(tmp_path, capsys):
         assert main(["data", "check", str(root)]) == 1
         out = capsys.readouterr().out
         assert expected in out and "Traceback" not in out
+
+
+def test_prepare_and_check_name_the_registered_datasets(tmp_path, capsys):
+    # what `wsss prepare` and `wsss data check` accept comes from the datasets' registry, not a list in the CLI
+    assert main(["prepare", "folder", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "wsss: error: dataset 'folder' has no `wsss prepare` conversion; datasets with one: coco, voc"
+    assert main(["prepare", "vocc", str(tmp_path)]) == 2
+    assert "unknown dataset 'vocc' (did you mean 'voc'?)" in capsys.readouterr().err
+    assert main(["data", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"error: {tmp_path}: no dataset layout recognised (coco: COCO 2014 (train2014/, val2014/); "
+                      "folder: folder (images/, tags.csv); voc: VOC (JPEGImages/, ImageSets/Segmentation/, "
+                      "cls_labels.json)); give --dataset")  # fmt: skip
+    from wsss.data.spec import detect
+    from wsss.registry import DATASETS
+
+    (tmp_path / "ImageSets").mkdir()
+    assert detect(tmp_path, DATASETS.entries()) == "voc"
+    (tmp_path / "train2014").mkdir()  # a prepared COCO root also has VOC's split lists: COCO's folders decide
+    assert detect(tmp_path, DATASETS.entries()) == "coco"
+    (tmp_path / "tags.csv").write_text("image,tags\n")  # a user's folder wins over both
+    assert detect(tmp_path, DATASETS.entries()) == "folder"

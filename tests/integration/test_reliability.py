@@ -380,7 +380,7 @@ def test_tags_csv_from_a_spreadsheet(tmp_path, caplog):
     tags that differ only in case (without classes.txt) and a non-UTF-8 file are one-line errors naming the
     file (and lines); files in images/ that tags.csv does not list are counted."""
     from wsss.data.check import check_root
-    from wsss.data.folder import read_folder
+    from wsss.data.datasets.folder import read_folder
     from wsss.data.io import DataError
 
     ok = _tagged(tmp_path / "bom", "\ufeffimage,tags\na.jpg,dog\nb.jpg,cat;dog\na.jpg,dog\n".encode(),

@@ -14,7 +14,7 @@ from PIL import Image
 
 from wsss.cli import main
 from wsss.data.classes import ClassSpec
-from wsss.viz.run_report import per_class_series, plot_confusion
+from wsss.report import per_class_series, plot_confusion
 
 
 class _Refs(HTMLParser):

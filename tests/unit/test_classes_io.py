@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from wsss.data.classes import VOC, ClassSpec, voc_palette
-from wsss.data.io import DataError, atomic_write, inspect_image, read_image, read_mask, write_mask
+from wsss.data.io import DataError, inspect_image, read_image, read_mask, write_mask
+from wsss.utils.files import atomic_write
 
 
 def test_voc_palette_known_entries():

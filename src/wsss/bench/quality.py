@@ -37,7 +37,8 @@ from wsss.config import (
     read_yaml,
     resolve,
 )
-from wsss.data.io import DataError, atomic_write
+from wsss.data.io import DataError
+from wsss.utils.files import atomic_write
 
 log = logging.getLogger("wsss")
 # Keys every row must share with the first recipe: otherwise the comparison is not like for like.

@@ -25,7 +25,7 @@ import torch
 
 from wsss.bench.step import _time, bare_pass, build_for_bench, train_once
 from wsss.config import ConfigError, get_dotted, load_config
-from wsss.data.io import atomic_write
+from wsss.utils.files import atomic_write
 
 MULTI_SCALE = (1.0, 0.5, 1.5)
 

@@ -14,9 +14,10 @@ import time
 import torch
 
 from wsss.build import build_dataset, build_method
-from wsss.data.classes import COCO, VOC
+from wsss.data.classes import VOC
 from wsss.engine.optim import build_optimizer
 from wsss.engine.trainer import pick_device
+from wsss.registry import DATASETS
 
 
 def _sync(device: torch.device) -> None:
@@ -54,7 +55,7 @@ def build_for_bench(cfg):
     try:
         classes = build_dataset(cfg, cfg.data.train_split, train=True, load_masks=False).classes
     except Exception:  # no data needed to time a step: fall back to the dataset's standard classes
-        classes = COCO if cfg.data.dataset == "coco" else VOC
+        classes = getattr(DATASETS.get(cfg.data.dataset), "classes", None) or VOC
     device = pick_device(cfg.train.device)
     method = build_method(cfg, classes).to(device).train()
     return method, build_optimizer(method, cfg.optim), bench_batch(cfg, classes, device), device

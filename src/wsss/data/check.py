@@ -16,7 +16,7 @@ from wsss.data.io import (
     inspect_image,
     read_mask,
 )
-from wsss.data.voc import LAYOUTS, classes_for_root, is_coco_root, mask_dir, read_cls_labels, voc_root
+from wsss.data.spec import Problems
 
 LARGE_SIDE = 2048  # beyond this a ViT's whole-image evaluation runs out of time or memory on most machines
 TINY_SIDE = 16  # under one ViT patch: the image is upscaled to the crop and its CAM is a few blurred tokens
@@ -62,7 +62,10 @@ def class_counts(items, classes: ClassSpec) -> list[tuple[str, str]]:
     return out
 
 
-def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> list[tuple[str, str]]:
+def check_items(items, classes: ClassSpec, report_untagged: bool = True) -> Problems:
+    """The problems of every image of ``items`` ((name, image, mask or None, tags) tuples): tags outside
+    ``classes`` (and, with ``report_untagged``, none at all), unreadable, large and tiny images, masks of
+    the wrong mode, size or values; plus the class counts."""
     out = class_counts(items, classes)
     for _name, img, mask, tags in items:
         if not tags and report_untagged:
@@ -87,55 +90,26 @@ def _check_items(items, classes: ClassSpec, report_untagged: bool = True) -> lis
     return out
 
 
-def check_root(root: str | Path, dataset: str = "auto") -> list[tuple[str, str]]:
-    """(severity, message) for every problem found under ``root``: VOC layout (classes.txt or VOC's classes),
-    COCO 2014 as written by ``wsss prepare coco`` (images in train2014/ and val2014/, COCO's 80 classes) or
-    a tagged folder; ``dataset`` auto picks by the files present."""
+def check_root(root: str | Path, dataset: str = "auto") -> Problems:
+    """(severity, message) for every problem found under ``root`` by the registered ``dataset``'s check;
+    ``auto`` picks the dataset that recognises the root's files (VOC, COCO 2014 as written by ``wsss prepare
+    coco``, a tagged folder, or a plugin's)."""
+    from wsss.data.spec import detect
+    from wsss.registry import DATASETS
+
     root = Path(root)
     if not root.is_dir():
         return [("error", f"{root}: data root does not exist")]
-    root = voc_root(root)
+    specs = DATASETS.entries()
     if dataset == "auto":
-        dataset = "folder" if (root / "tags.csv").is_file() else "coco" if is_coco_root(root) else "voc"
-    if dataset == "folder":
-        return _check_folder(root)
-    default_classes, image_dir_fn = LAYOUTS[dataset]
-    image_dir = image_dir_fn(root) if image_dir_fn else lambda _n: root / "JPEGImages"
-    problems: list[tuple[str, str]] = []
-    try:
-        labels = read_cls_labels(root)
-    except DataError as e:
-        return [("error", str(e))]
-    classes = classes_for_root(root, default_classes)
-    lists = sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))
-    if not lists:
-        problems.append(("error", f"{root / 'ImageSets' / 'Segmentation'}: no split lists"))
-    names = sorted({ln.split()[0] for p in lists for ln in p.read_text().splitlines() if ln.strip()})
-    md = mask_dir(root)
-    items = []
-    for n in names:
-        img = image_dir(n) / f"{n}.jpg"
-        if n not in labels:
-            problems.append(("error", f"{img}: no image-level labels in cls_labels.json"))
-            continue
-        mp = md / f"{n}.png"
-        items.append((n, img, mp if mp.is_file() else None, labels[n]))
-    return problems + _check_items(items, classes)
-
-
-def _check_folder(root: Path) -> list[tuple[str, str]]:
-    from wsss.data.folder import folder_classes, read_tags_csv, unlisted_images
-
-    if not (root / "images").is_dir():
-        return [("error", f"{root / 'images'}: images folder missing")]
-    problems: list[tuple[str, str]] = []
-    rows = read_tags_csv(root, problems)
-    try:
-        classes = folder_classes(root, rows, no_background=False)
-    except DataError as e:
-        return [*problems, ("error", str(e))]
-    if extra := unlisted_images(root, rows):
-        problems.append(("warning", f"{root / 'images'}: {len(extra)} file(s) not in tags.csv are not used (e.g. "
-                         f"{', '.join(extra[:3])})"))  # fmt: skip
-    items = [(Path(f).stem, root / "images" / f, root / "masks" / f"{Path(f).stem}.png", tags) for f, tags in rows]
-    return problems + _check_items(items, classes, report_untagged=False)
+        found = detect(root, specs)
+        if found is None:
+            layouts = "; ".join(f"{n}: {e.layout}" for n, e in sorted(specs.items()) if getattr(e, "layout", ""))
+            return [("error", f"{root}: no dataset layout recognised ({layouts}); give --dataset")]
+        dataset = found
+    if dataset not in specs:
+        raise KeyError(dataset)
+    check = getattr(specs[dataset], "check", None)
+    if check is None:
+        return [("warning", f"{root}: dataset '{dataset}' has no checks; only training will find its problems")]
+    return check(root)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wsss.utils.files import atomic_write
+
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 _ORIENTATION = 0x0112  # EXIF tag
@@ -249,32 +251,6 @@ def dumps_results(obj) -> str:
     confusion matrix is K lines, not K^2)."""
     text = json.dumps(obj, indent=2)
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
-
-
-def _umask() -> int:
-    """The process umask (read by setting it and restoring it at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves a half file.
-
-    The file gets the mode a plain ``open`` would give it (0666 less the umask): ``mkstemp`` makes its
-    temporary file 0600, which the rename would otherwise keep."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def ensure_writable(folder: str | Path) -> Path:

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from wsss.data.classes import COCO, VOC, voc_palette
-from wsss.data.io import DataError, atomic_write, read_mask, write_mask
-from wsss.data.voc import mask_dir, voc_root
+from wsss.data.datasets.voc import mask_dir, voc_root
+from wsss.data.io import DataError, read_mask, write_mask
+from wsss.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 

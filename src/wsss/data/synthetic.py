@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from wsss.data.classes import ClassSpec, voc_palette
-from wsss.data.io import atomic_write, write_mask
+from wsss.data.io import write_mask
+from wsss.utils.files import atomic_write
 
 DEMO_CLASSES = ("boat", "car", "cat", "flower", "person")
 BODY_COLORS = np.array(

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss.data.io import atomic_write
+from wsss.utils.files import atomic_write
 
 
 class CheckpointError(ValueError):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from wsss.engine import dist
+from wsss.utils import dist
 
 log = logging.getLogger("wsss")
 

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsss.data.io import atomic_write, dumps_results
-from wsss.engine import dist
+from wsss.data.io import dumps_results
 from wsss.engine.checkpoint import save_rotating
 from wsss.engine.guard import TrainingError, params_finite
+from wsss.utils import dist
+from wsss.utils.files import atomic_write
 
 log = logging.getLogger("wsss")
 

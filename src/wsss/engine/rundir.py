@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from wsss.data.io import atomic_write
+from wsss.utils.files import atomic_write
 
 log = logging.getLogger("wsss")
 

@@ -24,9 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wsss.build import build_dataset, build_eval_dataset, build_method
 from wsss.config import ConfigError, RunConfig, dump_config
-from wsss.data.io import DataError, atomic_write, ensure_writable
+from wsss.data.io import DataError, ensure_writable
 from wsss.data.loader import eval_loader, train_loader
-from wsss.engine import dist
 from wsss.engine.checkpoint import (
     load_checkpoint,
     load_weights,
@@ -47,8 +46,10 @@ from wsss.engine.optim import build_optimizer, set_lr
 from wsss.engine.rundir import RunDirError, prepare_new_run, remove_temporaries, trim_metrics
 from wsss.engine.threads import busy_host_warning, configure_threads, cpu_budget
 from wsss.evaluation.evaluators import format_table, headline, run_evaluation
-from wsss.progress import tty_progress
 from wsss.registry import METHODS
+from wsss.utils import dist
+from wsss.utils.files import atomic_write
+from wsss.utils.progress import tty_progress
 
 log = logging.getLogger("wsss")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from wsss.engine.dist import all_reduce_sum
+from wsss.utils.dist import all_reduce_sum
 
 
 class ConfusionMatrix:

@@ -15,9 +15,9 @@ import torch
 
 from wsss.cam.labels import cam_to_label
 from wsss.data.classes import ClassSpec
-from wsss.engine.dist import all_reduce_sum
 from wsss.evaluation.confusion import ConfusionMatrix
 from wsss.evaluation.inference import predict_probs
+from wsss.utils.dist import all_reduce_sum
 
 SWEEP = tuple(round(0.05 * i, 2) for i in range(1, 20))
 

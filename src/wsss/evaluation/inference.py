@@ -1,11 +1,14 @@
-"""Multi-scale + flip inference of segmentation logits, whole-image or in sliding windows."""
+"""Multi-scale + flip inference of segmentation logits (whole-image or in sliding windows), and one batch's
+probabilities and CAMs under a size cap (what `wsss predict` and the Python API return)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wsss.cam.cam import rescale
+from wsss.data.classes import ClassSpec
 
 WINDOW_CHUNK = 8  # windows per forward: bounds the memory of a huge image whatever its number of windows
 
@@ -78,3 +81,47 @@ def predict_probs(method, images: torch.Tensor, ecfg) -> torch.Tensor:
     logits = multi_scale_seg(method, images, tuple(ecfg.scales), ecfg.flip, ecfg.reduce, ecfg.window, ecfg.overlap)
     probs = torch.softmax(logits, 1)
     return apply_crf(ecfg.crf, probs, denormalize(images.float()) * 255.0)
+
+
+def fit_max_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
+    """``x`` (B, 3, H, W) downscaled (bilinear, antialiased) so its longer side is at most ``max_side``;
+    unchanged when it already is or ``max_side`` is 0."""
+    if max_side < 0:
+        raise ValueError(f"max_side {max_side}: give a positive side in pixels (0: off)")
+    H, W = x.shape[-2:]
+    if not max_side or max(H, W) <= max_side:
+        return x
+    s = max_side / max(H, W)
+    size = (max(1, round(H * s)), max(1, round(W * s)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@torch.no_grad()
+def probs_at(method, x: torch.Tensor, ecfg, max_side: int = 0) -> torch.Tensor:
+    """Class probabilities (B, K, H, W) float32 for normalised ``x`` (B, 3, H, W) under the eval protocol
+    ``ecfg``, computed on ``x`` downscaled to ``max_side`` (0: as is) and upsampled back to (H, W)."""
+    p = predict_probs(method, fit_max_side(x, max_side), ecfg).float()
+    if p.shape[-2:] != x.shape[-2:]:
+        p = F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return p
+
+
+@torch.no_grad()
+def cams_at(method, x: torch.Tensor, max_side: int = 0) -> torch.Tensor:
+    """CAMs (B, C, H, W) float32 in [0, 1] for normalised ``x`` (B, 3, H, W), computed as :func:`probs_at`."""
+    c = method.predict_cams(fit_max_side(x, max_side)).float()
+    if c.shape[-2:] != x.shape[-2:]:
+        c = F.interpolate(c, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return c
+
+
+def summarize_mask(mask: np.ndarray, classes: ClassSpec) -> tuple[tuple[str, ...], dict[str, float]]:
+    """(found, shares) of an (H, W) index mask: foreground classes present by decreasing share, and every
+    present class's pixel fraction."""
+    counts = np.bincount(mask.ravel(), minlength=classes.K)[: classes.K]
+    total = max(int(counts.sum()), 1)
+    order = np.argsort(-counts, kind="stable")
+    names = classes.seg_names
+    shares = {names[k]: float(counts[k]) / total for k in order if counts[k]}
+    found = tuple(names[k] for k in order if counts[k] and k >= classes.fg_offset)
+    return found, shares

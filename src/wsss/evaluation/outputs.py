@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wsss.data.io import DataError, atomic_write
+from wsss.data.io import DataError
+from wsss.utils.files import atomic_write
 
 
 def guard_outputs(out_dir: Path, planned: dict[str, list[str]], inputs: set[Path], index_name: str,

@@ -12,9 +12,10 @@ from PIL import Image
 
 from wsss.data.base import Item, SegDataset
 from wsss.data.classes import ClassSpec
-from wsss.data.io import DataError, atomic_write, write_mask
+from wsss.data.io import DataError, write_mask
 from wsss.data.transforms import EvalTransform, denormalize
 from wsss.evaluation.outputs import guard_outputs, planned_records, write_index
+from wsss.utils.files import atomic_write
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 INDEX = "predictions.json"
@@ -102,7 +103,7 @@ def write_predictions(method, loader, classes: ClassSpec, ecfg, device, out_dir:
     ``classes.seg_names`` at the image's displayed size. The index is written first with every planned
     file (so a crash leaves none unlisted) and ``earlier``'s records of other images are kept in it.
     Returns the per-image records."""
-    from wsss.api import cams_at, probs_at, summarize_mask
+    from wsss.evaluation.inference import cams_at, probs_at, summarize_mask
     from wsss.viz.overlay import overlay_panel
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,7 @@ class CenteredDistill(nn.Module):
     @torch.no_grad()
     def update_center(self) -> None:
         """center <- m * center + (1 - m) * mean of this step's teacher rows (all processes)."""
-        from wsss.engine import dist
+        from wsss.utils import dist
 
         K = self.center.shape[1]
         s = self._sum if self._sum is not None else torch.zeros(1, K, device=self.center.device)

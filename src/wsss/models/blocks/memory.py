@@ -43,7 +43,7 @@ class ClassMemoryBank(nn.Module):
         """Push everything queued since the last flush (all micro-batches), gathered from all processes
         in rank order, so every process holds the same bank and a 2-process run writes what one process
         with 2 accumulation micro-batches writes."""
-        from wsss.engine import dist
+        from wsss.utils import dist
 
         dim, dev = self.feats.shape[-1], self.feats.device
         if self._pending:

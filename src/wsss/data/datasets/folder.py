@@ -23,8 +23,9 @@ from pathlib import Path
 
 from wsss.data.base import Item, SegDataset, data_root, read_list
 from wsss.data.classes import ClassSpec
+from wsss.data.datasets.voc import read_classes_txt
 from wsss.data.io import DataError
-from wsss.data.voc import read_classes_txt
+from wsss.data.spec import DatasetSpec, Problems
 from wsss.registry import DATASETS
 
 log = logging.getLogger("wsss")
@@ -144,28 +145,57 @@ def held_out(names: list[str], share: float) -> set[str]:
     return set(sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())[:k])
 
 
-@DATASETS.register("folder")
-def build_folder(cfg, split: str, transform, load_masks: bool) -> SegDataset:
-    """Folder dataset for ``split``; the class list always comes from the train folder. Train and val in
-    one folder: without ``<split>.txt`` lists val is the ``cfg.holdout`` share and train the rest; with
-    only a val list, train is every image not in it."""
-    train_root = data_root(cfg.train_root or cfg.root, "folder")
-    _, classes = read_folder(train_root, None, None, cfg.no_background)
-    val_root = data_root(cfg.val_root or cfg.root or cfg.train_root, "folder")
-    root = train_root if split == cfg.train_split else val_root
-    items, classes = read_folder(root, split, classes, cfg.no_background)
-    if split == cfg.val_split == cfg.train_split or train_root.resolve() != val_root.resolve():
+class FolderDataset(DatasetSpec):
+    """A tagged folder (see the module docstring); its classes always come from the data."""
+
+    layout = "folder (images/, tags.csv)"
+
+    def detect(self, root: Path) -> int:
+        """3 when ROOT/tags.csv exists: a user's folder may also hold other layouts' files."""
+        return 3 if (root / "tags.csv").is_file() else 0
+
+    def check(self, root: Path) -> Problems:
+        """tags.csv rows, class list, unlisted images and every listed image and mask."""
+        from wsss.data.check import check_items
+
+        if not (root / "images").is_dir():
+            return [("error", f"{root / 'images'}: images folder missing")]
+        problems: Problems = []
+        rows = read_tags_csv(root, problems)
+        try:
+            classes = folder_classes(root, rows, no_background=False)
+        except DataError as e:
+            return [*problems, ("error", str(e))]
+        if extra := unlisted_images(root, rows):
+            problems.append(("warning", f"{root / 'images'}: {len(extra)} file(s) not in tags.csv are not used (e.g. "
+                             f"{', '.join(extra[:3])})"))  # fmt: skip
+        items = [(Path(f).stem, root / "images" / f, root / "masks" / f"{Path(f).stem}.png", t) for f, t in rows]
+        return problems + check_items(items, classes, report_untagged=False)
+
+    def build(self, cfg, split: str, transform, load_masks: bool) -> SegDataset:
+        """Folder dataset for ``split``; the class list always comes from the train folder. Train and val in
+        one folder: without ``<split>.txt`` lists val is the ``cfg.holdout`` share and train the rest; with
+        only a val list, train is every image not in it."""
+        train_root = data_root(cfg.train_root or cfg.root, "folder")
+        _, classes = read_folder(train_root, None, None, cfg.no_background)
+        val_root = data_root(cfg.val_root or cfg.root or cfg.train_root, "folder")
+        root = train_root if split == cfg.train_split else val_root
+        items, classes = read_folder(root, split, classes, cfg.no_background)
+        if split == cfg.val_split == cfg.train_split or train_root.resolve() != val_root.resolve():
+            return SegDataset(items, classes, transform, load_masks)
+        train_list, val_list = (root / f"{s}.txt" for s in (cfg.train_split, cfg.val_split))
+        if split == cfg.train_split and val_list.is_file() and not train_list.is_file():
+            val = {it.name for it in read_folder(root, cfg.val_split, classes, cfg.no_background)[0]}
+            items = [it for it in items if it.name not in val]
+        elif split in (cfg.train_split, cfg.val_split) and not train_list.is_file() and not val_list.is_file():
+            n, held = len(items), held_out([it.name for it in items], cfg.holdout)
+            if held:
+                items = [it for it in items if (it.name in held) == (split == cfg.val_split)]
+                log.info("%s: no %s or %s, so %d of its %d images (data.holdout %g) are the val split, not trained on",
+                         root, train_list.name, val_list.name, len(held), n, cfg.holdout)  # fmt: skip
+        if not items:
+            raise DataError(f"{root}: no images left for split '{split}' once the val split is set aside")
         return SegDataset(items, classes, transform, load_masks)
-    train_list, val_list = (root / f"{s}.txt" for s in (cfg.train_split, cfg.val_split))
-    if split == cfg.train_split and val_list.is_file() and not train_list.is_file():
-        val = {it.name for it in read_folder(root, cfg.val_split, classes, cfg.no_background)[0]}
-        items = [it for it in items if it.name not in val]
-    elif split in (cfg.train_split, cfg.val_split) and not train_list.is_file() and not val_list.is_file():
-        n, held = len(items), held_out([it.name for it in items], cfg.holdout)
-        if held:
-            items = [it for it in items if (it.name in held) == (split == cfg.val_split)]
-            log.info("%s: no %s or %s, so %d of its %d images (data.holdout %g) are the val split, not trained on",
-                     root, train_list.name, val_list.name, len(held), n, cfg.holdout)  # fmt: skip
-    if not items:
-        raise DataError(f"{root}: no images left for split '{split}' once the val split is set aside")
-    return SegDataset(items, classes, transform, load_masks)
+
+
+DATASETS.register("folder")(FolderDataset())

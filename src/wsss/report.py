@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss.data.io import DataError, atomic_write
+from wsss.data.io import DataError
+from wsss.utils.files import atomic_write
 
 FIGURES = ("curves.png", "per_class.png", "confusion.png", "samples.png")
 INDEX = "report.json"
