@@ -38,9 +38,11 @@ bench: venv
 faults: venv
 	$(BIN)/python scripts/fault_injection.py --trials 8
 
+# style (ruff) and types (mypy, configured in pyproject.toml: clean on src/wsss)
 lint: venv
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts examples
+	$(BIN)/ruff format --check src tests scripts examples
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs data/demo

@@ -19,8 +19,10 @@ def build_dataset(cfg: RunConfig, split: str, train: bool, load_masks: bool, use
     split's masks come from ``data.mask_dir`` (the trainer's training set only; evaluation always scores
     against the dataset's own masks)."""
     d = cfg.data
+    tf: TrainTransform | EvalTransform
     if train:
-        tf = TrainTransform(d.crop_size, tuple(d.scale_range), d.hflip, d.color_jitter, d.p_gray, d.p_blur)
+        lo, hi = d.scale_range
+        tf = TrainTransform(d.crop_size, (lo, hi), d.hflip, d.color_jitter, d.p_gray, d.p_blur)
     else:
         tf = EvalTransform()
     try:

@@ -93,13 +93,13 @@ def cmd_list(args, extra: list[str]) -> int:
     if args.what == "modules":
         from wsss.methods.pipeline import describe_modules
 
-        rows = describe_modules()
+        table = describe_modules()
         cols = ("name", "method", "losses", "warmup", "needs", "uses")
-        width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols[:-1]}
-        print("  ".join(c.ljust(width.get(c, 0)) for c in cols))
-        for r in rows:
+        widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in cols[:-1]}
+        print("  ".join(c.ljust(widths.get(c, 0)) for c in cols))
+        for r in table:
             uses = r["uses"] + ("; ViT only" if r["vit_only"] else "")
-            print("  ".join(r[c].ljust(width[c]) for c in cols[:-1]) + "  " + uses)
+            print("  ".join(r[c].ljust(widths[c]) for c in cols[:-1]) + "  " + uses)
         print("\nA module is configured under its name (method.<name>.<key>) and switched on by method.modules.")
         return 0
     reg = {"methods": METHODS, "modules": MODULES, "datasets": DATASETS}[args.what]

@@ -45,8 +45,6 @@ class DataConfig:
     val_root: str = ""  # overrides root for the val split
     train_split: str = "train_aug"
     val_split: str = "val"
-    no_background: bool = False  # folder datasets whose domain has no background class
-    holdout: float = 0.1  # folder datasets: share of a single folder (no split lists) held out as its val split
     crop_size: int = 448
     scale_range: tuple[float, float] = (0.5, 2.0)
     hflip: bool = True
@@ -64,10 +62,11 @@ class DataConfig:
     # training images that fail to decode (changed after the start-up check) are replaced by the next image,
     # with a warning, up to this many per loader process; then the run stops (0: stop at the first)
     max_bad_images: int = 10
+    # the dataset's own settings, given as the section data.<dataset> (e.g. data.folder.holdout) and typed by
+    # the registered dataset's Config; None for a dataset without settings
+    options: Any = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.holdout < 1:
-            raise ConfigError(f"config key 'data.holdout' must be in [0, 1), got {self.holdout!r}")
         _at_least(self, "data", crop_size=1, num_workers=0, max_val_images=0, max_bad_images=0)
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
@@ -182,10 +181,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        return _coerce(value, members[0], key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value]
@@ -235,7 +234,7 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, prefix: str) -> An
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{full}'{hint}")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = build_dataclass(tp, val, full)
         else:
             kwargs[key] = _coerce(val, tp, full)
@@ -311,7 +310,8 @@ def split_overrides(tokens: list[str]) -> tuple[list[tuple[str, str]], list[str]
             rest.append(tok)
             i += 1
         elif "=" in tok:
-            items.append(tuple(tok[2:].split("=", 1)))
+            key, _, raw = tok[2:].partition("=")
+            items.append((key, raw))
             i += 1
         else:
             if i + 1 >= len(tokens):
@@ -362,6 +362,8 @@ def resolve(data: dict[str, Any]) -> RunConfig:
         elif ev["bkg_thre"] != moved:
             log.warning("config key 'method.bkg_thre' (%s) is no longer read: CAMs are scored at eval.bkg_thre (%s); "
                         "--eval.bkg_thre %s scores them as before", moved, ev["bkg_thre"], moved)  # fmt: skip
+    data_sec, options = _dataset_options(data.get("data"))
+    data["data"] = data_sec
     name = method_sec.pop("name", "toco")
     try:
         method_cls = METHODS.get(name)
@@ -373,9 +375,56 @@ def resolve(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config key {e.args[0]}") from None
     method_cfg = build_dataclass(config_cls, method_sec, "method")
     base = build_dataclass(RunConfig, data, "")
-    cfg = dataclasses.replace(base, method_name=name, method=method_cfg)
+    cfg = dataclasses.replace(base, method_name=name, method=method_cfg,
+                              data=dataclasses.replace(base.data, options=options))  # fmt: skip
     method_cls.validate(cfg)
     return cfg
+
+
+# Keys that were data.* for every dataset and now belong to one dataset's own section, with the default they
+# had; run directories written before still load (moved when the dataset has the key, dropped at the default).
+_MOVED_DATA_KEYS = {"holdout": 0.1, "no_background": False}
+
+
+def _dataset_options(section: Any) -> tuple[dict[str, Any], Any]:
+    """(the data section without the dataset's own, that section built by the dataset's Config or None)."""
+    from wsss.registry import DATASETS
+
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"config key 'data' is a section: give its keys (--data.KEY VALUE), got {section!r}")
+    sec = dict(section or {})
+    name = sec.get("dataset", DataConfig.dataset)
+    try:
+        entries = DATASETS.entries()
+        spec = DATASETS.get(name)
+    except KeyError as e:
+        raise ConfigError(f"config key 'data.dataset': {e.args[0]}") from None
+    config_cls = getattr(spec, "Config", None)
+    own = sec.pop(name, None)
+    if own is not None and not isinstance(own, dict):
+        raise ConfigError(f"config key 'data.{name}' is a section: give its keys (--data.{name}.KEY VALUE), "
+                          f"got {own!r}")  # fmt: skip
+    own = dict(own or {})
+    if others := [k for k in sec if k in entries]:
+        raise ConfigError(f"config key 'data.{others[0]}' configures the {others[0]} dataset, but data.dataset is "
+                          f"'{name}'")  # fmt: skip
+    if "options" in sec:
+        raise ConfigError(f"config key 'data.options': give the dataset's settings as data.{name}.KEY")
+    fields = {f.name for f in dataclasses.fields(config_cls)} if config_cls is not None else set()
+    for key, default in _MOVED_DATA_KEYS.items():
+        if key not in sec:
+            continue
+        value = sec.pop(key)
+        if key in fields:
+            own.setdefault(key, value)
+        elif value != default:
+            raise ConfigError(f"config key 'data.{key}' is a setting of one dataset (data.<dataset>.{key}); the "
+                              f"{name} dataset has no such setting")  # fmt: skip
+    if config_cls is None:
+        if own:
+            raise ConfigError(f"config key 'data.{name}.{next(iter(own))}': the {name} dataset has no settings")
+        return sec, None
+    return sec, build_dataclass(config_cls, own, f"data.{name}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -403,6 +452,9 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
     d = conv(cfg)
     d["method"] = {"name": d.pop("method_name"), **(d.get("method") or {})}
+    options = d["data"].pop("options")
+    if options is not None:
+        d["data"][cfg.data.dataset] = options
     return {"method": d.pop("method"), **d}
 
 

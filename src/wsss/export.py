@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from wsss.methods.base import Method
 from wsss.utils.files import atomic_write
 
 SUFFIX = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
@@ -25,7 +26,10 @@ SUFFIX = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 class SegNetwork(nn.Module):
     """RGB (B, 3, H, W) in [0, 1] -> seg logits (B, K, H, W): normalisation, then ``method.predict_seg``."""
 
-    def __init__(self, method: nn.Module) -> None:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, method: Method) -> None:
         super().__init__()
         from wsss.data.transforms import MEAN, STD
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,8 @@ def _save(fig, path: Path) -> None:
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(training-step records, evaluation records) of a ``metrics.jsonl``; torn last lines are skipped."""
-    steps, evals = [], []
+    steps: list[dict] = []
+    evals: list[dict] = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             rec = json.loads(line)
@@ -227,7 +229,7 @@ def stored_results(target: Path, run_dir: Path, split: str, val_split: str, over
 
 
 def build_report(target: str | Path, out: str | Path | None = None, split: str = "", samples: int = 6,
-                 overwrite: bool = False, overrides: list[str] = (), progress=None) -> Path:  # fmt: skip
+                 overwrite: bool = False, overrides: Sequence[str] = (), progress=None) -> Path:  # fmt: skip
     """Write the report of a run (see the module docstring) into ``out`` (default RUN/report); returns the
     path of ``index.html``. Never replaces a file it did not write (``overwrite``: an earlier report's)."""
     from wsss.api import load_run

@@ -178,7 +178,7 @@ def test_training_on_a_malformed_folder_ends_in_success_or_one_line(files, capsy
         capsys.readouterr()
         rc = main(["train", "--config", "configs/bench/toco.yaml", *TINY, "--data.dataset", "folder",
                    "--data.root", str(Path(d) / "data"), "--run-dir", str(Path(d) / "run"), "--train.max_iters", "1",
-                   "--data.holdout", "0.5", "--data.max_bad_images", "2"])  # fmt: skip
+                   "--data.folder.holdout", "0.5", "--data.max_bad_images", "2"])  # fmt: skip
         _, err = capsys.readouterr()
         assert rc == 0 or (rc in (1, 2) and _one_line_error(err)), err
 

@@ -91,8 +91,8 @@ def test_held_out_share_is_stable_and_never_everything():
     assert len(held) == 4 and held == held_out(list(reversed(names)), 0.1)
     assert len(held_out(["a", "b"], 0.1)) == 1 and held_out(["a"], 0.5) == set() and held_out(names, 0) == set()
     assert len(held_out(["a", "b"], 0.9)) == 1
-    with pytest.raises(ConfigError, match=r"data.holdout' must be in \[0, 1\)"):
-        load_config(None, ["--data.holdout", "1"])
+    with pytest.raises(ConfigError, match=r"data.folder.holdout' must be in \[0, 1\)"):
+        load_config(None, ["--data.dataset", "folder", "--data.folder.holdout", "1"])
 
 
 def _photos(root, sizes, masks: bool, exif_last: bool = False):

@@ -64,3 +64,35 @@ def test_the_cam_background_threshold_has_one_home(tmp_path, caplog):
     old.write_text("method:\n  name: toco\n  bkg_thre: 0.45\neval:\n  bkg_thre: 0.5\n")
     assert load_config(old).eval.bkg_thre == 0.5
     assert "method.bkg_thre' (0.45) is no longer read" in caplog.text and "--eval.bkg_thre 0.45" in caplog.text
+
+
+def test_a_datasets_settings_are_its_own_section(tmp_path, caplog):
+    import yaml
+
+    cfg = load_config(None, ["--data.dataset", "folder", "--data.folder.holdout", "0.3"])
+    assert (cfg.data.options.holdout, cfg.data.options.no_background) == (0.3, False)
+    written = yaml.safe_load(dump_config(cfg))["data"]
+    assert written["folder"] == {"holdout": 0.3, "no_background": False} and "options" not in written
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "config.yaml") == cfg
+    # VOC has no settings of its own: nothing is written for it, and a section for it is refused
+    voc = load_config(None, [])
+    assert voc.data.options is None and "voc" not in yaml.safe_load(dump_config(voc))["data"]
+    with pytest.raises(ConfigError, match=r"^config key 'data.voc.holdout': the voc dataset has no settings$"):
+        load_config(None, ["--data.voc.holdout", "0.2"])
+    with pytest.raises(ConfigError, match=r"'data.folder' configures the folder dataset, but data.dataset is 'voc'"):
+        load_config(None, ["--data.folder.holdout", "0.2"])
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'data.folder.holdot' \(did you mean 'data.folder.holdout'"
+    ):
+        load_config(None, ["--data.dataset", "folder", "--data.folder.holdot", "0.2"])
+
+
+def test_run_directories_with_the_old_data_keys_still_load():
+    # config.yaml of runs made before the folder settings moved under data.folder: every run wrote both keys
+    old_folder = resolve({"data": {"dataset": "folder", "holdout": 0.25, "no_background": True}})
+    assert (old_folder.data.options.holdout, old_folder.data.options.no_background) == (0.25, True)
+    old_voc = resolve({"data": {"dataset": "voc", "holdout": 0.1, "no_background": False}})
+    assert old_voc.data.options is None
+    with pytest.raises(ConfigError, match=r"'data.holdout' is a setting of one dataset .*voc dataset has no such"):
+        resolve({"data": {"dataset": "voc", "holdout": 0.3}})

@@ -45,7 +45,7 @@ log = logging.getLogger("wsss")
 OUTPUTS = ("quality.json", "table.md", "quality.png")  # what a benchmark writes at the top of its --out
 SHARED = ("model.backbone", "model.weights", "model.seg_hidden", "data.dataset", "data.root", "data.train_root",
           "data.val_root", "data.train_split", "data.val_split", "data.max_val_images", "data.crop_size",
-          "data.no_background", "train.batch_size", "eval")  # fmt: skip
+          "data.options", "train.batch_size", "eval")  # fmt: skip
 
 
 def variants(config: str, overrides: list[str], ablate: bool = True) -> list[tuple[str, list[str]]]:
@@ -63,7 +63,7 @@ def variants(config: str, overrides: list[str], ablate: bool = True) -> list[tup
     needed = {d for m in mods for d in MODULES.get(m).needs}
     own = list(getattr(METHODS.get(cfg.method_name).Config(), "modules", ()))
     name = cfg.method_name if mods == own else Path(config).stem
-    rows = [(name, [])]
+    rows: list[tuple[str, list[str]]] = [(name, [])]
     for m in mods if ablate else ():
         if m in needed:
             continue
@@ -170,7 +170,7 @@ def run_seed(cfg, run_dir: Path) -> dict:
 def plan_rows(configs: list[str], overrides: list[str], ablate: bool, reference: str) -> list[dict]:
     """The rows to train, in order: {label, config, extra overrides, baseline label (None for the rows
     compared with nothing), reference flag, derived (the reference is the first recipe as fully_supervised)}."""
-    rows = []
+    rows: list[dict] = []
     first = variants(configs[0], overrides, False)[0][0]
     for config in configs:
         vs = variants(config, overrides, ablate)

@@ -117,14 +117,17 @@ class SegDataset(Dataset):
         """(H, W) mask of ``it`` at the size its image was read at: a mask at the file's full size is
         downscaled (nearest) when ``max_side`` shrank the image; one already at the read size (pseudo
         labels exported under the same max_side) is taken as it is. Values must be class indices or 255."""
+        path = it.mask
+        if path is None:  # refused when the dataset was made with load_masks; kept for items changed since
+            raise DataError(f"{it.image}: no mask for this image")
         if not self.max_side:
-            m = read_mask(it.mask, hw)
+            m = read_mask(path, hw)
         else:
-            m = read_mask(it.mask)  # decoded once: this runs for every training sample
+            m = read_mask(path)  # decoded once: this runs for every training sample
             if m.shape != hw:
-                check_mask_size(it.mask, m.shape, image_size(it.image))  # neither size: the message names both
-                m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.NEAREST))
-        check_mask_values(it.mask, m, self.classes.K, self.classes.ignore_index)
+                check_mask_size(path, m.shape, image_size(it.image))  # neither size: the message names both
+                m = np.asarray(Image.fromarray(m).resize((hw[1], hw[0]), Image.Resampling.NEAREST))
+        check_mask_values(path, m, self.classes.K, self.classes.ignore_index)
         return m
 
 

@@ -173,7 +173,7 @@ def read_image(path: str | Path, max_side: int = 0) -> np.ndarray:
             if im.format == "JPEG":
                 im.draft("RGB", (target[0], target[1]) if swap else (target[1], target[0]))
             up = _upright(im).convert("RGB")
-            return np.asarray(up.resize((target[1], target[0]), Image.BILINEAR, reducing_gap=3.0))
+            return np.asarray(up.resize((target[1], target[0]), Image.Resampling.BILINEAR, reducing_gap=3.0))
     except FileNotFoundError:
         raise UnreadableImage(f"{path}: image file is missing") from None
     except Image.DecompressionBombError as e:

@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from wsss.data.base import SegDataset
 
 
 class StreamSampler(Sampler):
@@ -23,7 +25,7 @@ class StreamSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         k = 0
-        epoch, perm = -1, None
+        epoch, perm = -1, np.empty(0, dtype=np.int64)  # drawn at the first position (epoch >= 0)
         while True:
             base = self.start + k * self.micro * self.world + self.rank * self.micro
             for p in range(base, base + self.micro):
@@ -65,7 +67,8 @@ class SizeBatchSampler(Sampler):
     def __init__(self, sizes: list[tuple[int, int]], batch: int, rank: int = 0, world: int = 1) -> None:
         groups: dict[tuple[int, int], list[int]] = {}
         for i in range(rank, len(sizes), world):
-            groups.setdefault(tuple(sizes[i]), []).append(i)
+            h, w = sizes[i]
+            groups.setdefault((h, w), []).append(i)
         self.batches = [g[k : k + batch] for g in groups.values() for k in range(0, len(g), batch)]
 
     def __iter__(self):
@@ -75,7 +78,7 @@ class SizeBatchSampler(Sampler):
         return len(self.batches)
 
 
-def train_loader(ds: Dataset, micro: int, seed: int, start: int, rank: int, world: int, workers: int) -> DataLoader:
+def train_loader(ds: SegDataset, micro: int, seed: int, start: int, rank: int, world: int, workers: int) -> DataLoader:
     """Endless loader of micro-batches starting at global sample position ``start``."""
     return DataLoader(
         ds,
@@ -88,7 +91,7 @@ def train_loader(ds: Dataset, micro: int, seed: int, start: int, rank: int, worl
     )
 
 
-def eval_loader(ds: Dataset, batch: int, rank: int, world: int, workers: int) -> DataLoader:
+def eval_loader(ds: SegDataset, batch: int, rank: int, world: int, workers: int) -> DataLoader:
     """Sharded, ordered evaluation loader; with ``batch`` > 1, batches of one image size
     (:class:`SizeBatchSampler`, sizes read from the files' headers by ``ds.image_size``)."""
     gen = torch.Generator().manual_seed(0)

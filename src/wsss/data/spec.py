@@ -16,12 +16,15 @@ class DatasetSpec:
     """Base of a registered dataset; register an instance: ``DATASETS.register("name")(MySpec())``.
 
     Attributes:
+        Config: its settings' dataclass, read from the recipe's ``data.<name>`` section into ``data.options``
+            (None: the dataset has no settings of its own).
         classes: the standard classes when the data does not say (None: they always come from the data).
         layout: one line on what a root of this dataset holds, shown when no dataset recognises a root.
     """
 
     classes: ClassSpec | None = None
     layout: str = ""
+    Config: type | None = None  # a frozen dataclass: the dataset's own settings, the section data.<name>
 
     def build(self, cfg, split: str, transform, load_masks: bool):
         """The SegDataset of ``split`` under the DataConfig ``cfg``, with ``transform``; ``load_masks``:

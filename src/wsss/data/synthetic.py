@@ -58,7 +58,7 @@ class DemoConfig:
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     g = rng.random((cells, cells)).astype(np.float32)
-    im = Image.fromarray((g * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+    im = Image.fromarray((g * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im, dtype=np.float32) / 255.0
 
 

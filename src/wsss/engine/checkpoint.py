@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ class CheckpointError(ValueError):
 def rng_state() -> dict:
     """Python, NumPy and torch (CPU + CUDA) RNG states as tensors/plain types."""
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state())  # the legacy tuple (name, keys, pos, has_gauss, gauss)
     st = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],

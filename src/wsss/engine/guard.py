@@ -77,7 +77,7 @@ class NonFiniteGuard:
         self.bad_in_row = 0
         self.skipped = 0
 
-    def check(self, it: int, loss_ok: bool, grad_norm: torch.Tensor | None, logs: dict[str, float],
+    def check(self, it: int, loss_ok: bool, grad_norm: float | None, logs: dict[str, float],
               names: list[str], last_ckpt: Callable[[], str]) -> bool:  # fmt: skip
         """True when step ``it`` (0-based) may be taken. ``loss_ok``: every micro-batch loss was finite on
         this process; ``grad_norm``: the gradients' total norm (None: not checked here, e.g. the fp16 scaler
@@ -87,11 +87,10 @@ class NonFiniteGuard:
         Raises:
             TrainingError: ``patience`` steps in a row were bad.
         """
-        bad = not loss_ok or (grad_norm is not None and not bool(torch.isfinite(grad_norm)))
-        flag = torch.tensor([float(bad)], device=grad_norm.device if grad_norm is not None else "cpu")
+        bad = not loss_ok or (grad_norm is not None and not math.isfinite(grad_norm))
         if dist.world_size() > 1:  # one rank's NaN stops the step on every rank (they must stay in lockstep)
-            flag = dist.all_reduce_sum(flag.to(_reduce_device()))
-        if not bool(flag.item()):
+            bad = bool(dist.all_reduce_sum(torch.tensor([float(bad)], device=_reduce_device())).item())
+        if not bad:
             self.bad_in_row = 0
             return True
         self.bad_in_row += 1

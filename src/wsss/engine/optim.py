@@ -7,6 +7,7 @@ import math
 import torch
 
 from wsss.config import ConfigError
+from wsss.methods.base import Method
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -18,7 +19,7 @@ def _no_decay(name: str, p: torch.Tensor) -> bool:
     )
 
 
-def build_optimizer(method: torch.nn.Module, ocfg) -> torch.optim.AdamW:
+def build_optimizer(method: Method, ocfg) -> torch.optim.AdamW:
     """AdamW over ``method.param_groups()``; biases, norms and position/class tokens get no weight decay.
 
     Each group's ``lr_mult`` (None: ``ocfg.head_lr_mult``) scales ``ocfg.lr``, the rate for the total batch.

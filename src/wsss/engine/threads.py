@@ -20,8 +20,8 @@ def _cgroup_quota() -> float | None:
     v2 = Path("/sys/fs/cgroup/cpu.max")
     try:
         if v2.is_file():
-            quota, period = v2.read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
+            limit, period = v2.read_text().split()[:2]
+            return None if limit == "max" else int(limit) / int(period)
         q, p = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
         if q.is_file() and p.is_file():
             quota = int(q.read_text())

@@ -361,9 +361,11 @@ class Trainer:
         cfg, world = self.cfg, dist.world_size()
         norm_stats = [[b.clone() for b in m.buffers(recurse=False)] for m in self._norms]
         lr = set_lr(self.opt, it, cfg.train.max_iters, cfg.optim)
-        logs: dict[str, float] = {}
-        total = 0.0
-        loss_ok, names = True, []
+        # losses stay on the device until the step's end: one host sync per step for all of them (and the
+        # gradient norm), not one per loss and micro-batch
+        sums: dict[str, torch.Tensor | float] = {}
+        total: torch.Tensor | float = 0.0
+        names: list[str] = []
         for k in range(self.accum):
             batch = next(data)
             names += list(batch.get("name", []))
@@ -373,11 +375,10 @@ class Trainer:
                 out = self.model(batch, it)
                 loss = out.loss / self.accum
             self.scaler.scale(loss).backward()  # also when non-finite: DDP's gradient all-reduce must run
-            value = float(loss.detach())
-            loss_ok &= math.isfinite(value)
-            total += value
+            total = total + loss.detach().float()
             for name, v in out.logs.items():
-                logs[name] = logs.get(name, 0.0) + float(v) / self.accum
+                v = v.detach().float() if torch.is_tensor(v) else float(v)
+                sums[name] = sums.get(name, 0.0) + v / self.accum
         grad_norm = None
         if cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.opt)
@@ -386,7 +387,11 @@ class Trainer:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.method.parameters() if p.grad is not None])
         if self.scaler.is_enabled():
             grad_norm = None  # unscaled fp16 gradients may overflow; the scaler decides on those
-        taken = self.guard.check(it, loss_ok, grad_norm, logs | {"loss": total}, names, self.checkpoint_name)
+        values = host_floats([total, *sums.values(), *([] if grad_norm is None else [grad_norm])])
+        logs = dict(zip(sums, values[1 : 1 + len(sums)]))
+        # a sum of losses is finite exactly when every micro-batch's loss was (inf - inf is nan)
+        loss_ok, norm = math.isfinite(values[0]), (values[-1] if grad_norm is not None else None)
+        taken = self.guard.check(it, loss_ok, norm, logs | {"loss": values[0]}, names, self.checkpoint_name)
         if taken:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -401,7 +406,15 @@ class Trainer:
                     for b, v in zip(m.buffers(recurse=False), saved):
                         b.copy_(v)
             self.method.on_step_skipped(it)
-        return StepInfo(it + 1, lr, total, logs, taken)
+        return StepInfo(it + 1, lr, values[0], logs, taken)
+
+
+def host_floats(values: list) -> list[float]:
+    """Python floats of scalar tensors (any device) and numbers, in order, with one device-to-host copy for
+    all the tensors."""
+    tensors = [v.reshape(()) for v in values if torch.is_tensor(v)]
+    copied = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+    return [next(copied) if torch.is_tensor(v) else float(v) for v in values]
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

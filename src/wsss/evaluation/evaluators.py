@@ -181,7 +181,9 @@ def headline(results: dict) -> dict[str, float]:
 
 def build_evaluators(method, classes: ClassSpec, ecfg, which: tuple[str, ...]) -> list:
     """The evaluators of ``which`` (seg, cam, pseudo: masks needed; tags: tags only) that ``method`` supports."""
-    evs = [TagEvaluator(classes)] if "tags" in which else []
+    evs: list[TagEvaluator | SegEvaluator | CAMEvaluator | PseudoLabelEvaluator] = []
+    if "tags" in which:
+        evs.append(TagEvaluator(classes))
     if "seg" in which:
         evs.append(SegEvaluator(classes))
     if method.has_cams and "cam" in which:

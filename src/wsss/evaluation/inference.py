@@ -32,7 +32,8 @@ def sliding_seg(method, images: torch.Tensor, window: int, overlap: float = 1 / 
     wh, ww = min(window, H), min(window, W)
     stride = max(1, round(window * (1 - overlap)))
     pos = [(y, x) for y in window_starts(H, wh, stride) for x in window_starts(W, ww, stride)]
-    total, count = None, images.new_zeros((1, 1, H, W), dtype=torch.float32)
+    total: torch.Tensor | None = None
+    count = images.new_zeros((1, 1, H, W), dtype=torch.float32)
     for i in range(0, len(pos), WINDOW_CHUNK):
         chunk = pos[i : i + WINDOW_CHUNK]
         crops = torch.cat([images[..., y : y + wh, x : x + ww] for y, x in chunk])  # (len(chunk) * B, 3, wh, ww)
@@ -42,6 +43,8 @@ def sliding_seg(method, images: torch.Tensor, window: int, overlap: float = 1 / 
         for j, (y, x) in enumerate(chunk):
             total[..., y : y + wh, x : x + ww] += out[j * B : (j + 1) * B]
             count[..., y : y + wh, x : x + ww] += 1
+    if total is None:  # window_starts gives every side at least one window
+        raise ValueError(f"no windows over a {H} x {W} image")
     return total / count
 
 
@@ -55,7 +58,7 @@ def multi_scale_seg(
     sum of the image's and its flip's logits, then the elementwise maximum over scales. ``window`` > 0: each
     scaled image is predicted by :func:`sliding_seg` in windows of that side."""
     B, _, H, W = images.shape
-    total = None
+    total: torch.Tensor | None = None
     for s in scales:
         x = rescale(images, s)
         if flip:
@@ -67,6 +70,8 @@ def multi_scale_seg(
             total = y
         else:
             total = torch.maximum(total, y) if reduce == "max" else total + y
+    if total is None:
+        raise ValueError("multi_scale_seg needs at least one scale")
     return total if reduce == "max" else total / (len(scales) * (2 if flip else 1))
 
 

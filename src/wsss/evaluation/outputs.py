@@ -10,6 +10,7 @@ earlier index's entries for other images are kept.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from wsss.data.io import DataError
@@ -56,7 +57,7 @@ def guard_outputs(out_dir: Path, planned: dict[str, list[str]], inputs: set[Path
     return earlier
 
 
-def write_index(path: Path, meta: dict, records: list[dict], earlier: list[dict] = ()) -> None:
+def write_index(path: Path, meta: dict, records: list[dict], earlier: Sequence[dict] = ()) -> None:
     """Write the index JSON ``{**meta, "images": [...]}`` atomically: ``earlier``'s records of images that
     ``records`` does not name, then ``records`` (each a dict with at least ``name`` and ``outputs``)."""
     names = {r["name"] for r in records}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 @torch.no_grad()
 def write_predictions(method, loader, classes: ClassSpec, ecfg, device, out_dir: Path, progress=None,
                       opts: PredictOptions = PredictOptions(), meta: dict | None = None,
-                      earlier: list[dict] = ()) -> list[dict]:  # fmt: skip
+                      earlier: Sequence[dict] = ()) -> list[dict]:  # fmt: skip
     """Predict each image of ``loader`` (batches of one) and write its files (:func:`output_files`, atomic)
     and ``out_dir/predictions.json``: per image its name, size (H, W), the foreground classes found by
     decreasing share, every present class's pixel share and the files written. Masks hold indices into

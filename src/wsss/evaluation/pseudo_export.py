@@ -10,6 +10,7 @@ trains a segmentation network on them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -74,12 +75,15 @@ def check_label_outputs(items, out_dir: Path, overwrite: bool) -> dict:
 
 def method_settings(method_cfg) -> dict:
     """The method's config as plain JSON values (what decided the labels: thresholds, scales, PAR)."""
-    return dataclasses.asdict(method_cfg) if dataclasses.is_dataclass(method_cfg) else {}
+    if dataclasses.is_dataclass(method_cfg) and not isinstance(method_cfg, type):
+        return dataclasses.asdict(method_cfg)
+    return {}
 
 
 @torch.no_grad()
 def export_pseudo_labels(method, loader, classes: ClassSpec, device, out_dir: Path, crf: str = "none",
-                         progress=None, meta: dict | None = None, earlier: list[dict] = ()) -> list[dict]:  # fmt: skip
+                         progress=None, meta: dict | None = None,
+                         earlier: Sequence[dict] = ()) -> list[dict]:  # fmt: skip
     """Write ``out_dir/<name>.png`` (palette PNG, indices into ``classes.seg_names``, 255 uncertain) for each
     image of ``loader`` (whole images with their tags) and ``out_dir/pseudo_labels.json``.
 

@@ -20,6 +20,8 @@ class CenteredDistill(nn.Module):
         dim: K logits.
     """
 
+    center: torch.Tensor  # (1, K) buffer (register_buffer), declared for the type checker
+
     def __init__(
         self, dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04, teacher_temp_end: float = 0.07,
         warmup: int = 0, center_momentum: float = 0.9,

@@ -8,8 +8,9 @@ memory banks). Register with ``@METHODS.register("name")``; give the class a fro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -20,10 +21,11 @@ from wsss.data.classes import ClassSpec
 
 @dataclass
 class StepOutput:
-    """Total loss (scalar tensor with graph) and named scalars to log (each loss by name)."""
+    """Total loss (scalar tensor with graph) and named scalars to log (each loss by name): detached scalar
+    tensors or floats, which the trainer turns into floats."""
 
     loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -106,11 +108,12 @@ class Method(nn.Module):
         what this step's forwards queued, so nothing of the bad step is written."""
         for m in self.modules():
             if m is not self and callable(getattr(m, "discard_pending", None)):
-                m.discard_pending()
+                # typed Tensor | Module by nn.Module.__getattr__; a method here (checked callable above)
+                cast(Callable[[], None], m.discard_pending)()
 
 
-def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, C, h, w) to ``size`` (no-op when equal)."""
+def upsample(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) to ``size`` (H, W) (no-op when equal)."""
     return (
         x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     )

@@ -32,7 +32,9 @@ New parameters (LSTMs, fusion, gate, tokens, score weights) train at the head le
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -72,7 +74,7 @@ class CFBiLSTMModule(PipelineModule):
 
     def attach(self, backbone) -> None:
         """Hook one CF-BiLSTM after each chosen block."""
-        for i, blk in zip(self.where, self.lstm):
+        for i, blk in zip(self.where, cast(Iterable[CFBiLSTM], self.lstm)):  # a ModuleList of CFBiLSTM
             hooks = block_hooks(backbone, "cf_bilstm")
             hooks.setdefault(i, []).append(functools.partial(_grid_hook, blk, backbone.num_prefix))
 
@@ -100,6 +102,8 @@ class ClassTokenModule(PipelineModule):
     vit_only = True
     loss_names = ("ctk_cls",)
     uses = "ViT block hooks; attention maps of the last block"
+
+    steps: torch.Tensor  # buffer (register_buffer), declared for the type checker
 
     @dataclass(frozen=True)
     class Config:

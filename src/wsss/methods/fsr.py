@@ -37,6 +37,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -110,11 +111,14 @@ class EMATeacher(PipelineModule):
         heads = getattr(bb, "num_heads", 0) or max(1, D // 64)
         self.agg = AggregationToken(D, heads, cfg.agg_depth)
         self.head = DINOHead(D, cfg.out_dim, cfg.hidden, cfg.bottleneck)
-        kw = dict(student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp, teacher_temp_end=cfg.teacher_temp_end,
-                  warmup=cfg.teacher_temp_iters, center_momentum=cfg.center_momentum)  # fmt: skip
+        kw: dict[str, Any] = dict(student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp,
+                                  teacher_temp_end=cfg.teacher_temp_end, warmup=cfg.teacher_temp_iters,
+                                  center_momentum=cfg.center_momentum)  # fmt: skip
         self.distill_patch, self.distill_cls = CenteredDistill(cfg.out_dim, **kw), CenteredDistill(cfg.out_dim, **kw)
         self._host = [host]  # a list: the host is not registered as a child (no cycle)
-        self.teacher = None
+        self.teacher: ToCo | None = None  # the host's deep copy, set in finalize
+        # (teacher, student) parameter pairs and buffer pairs, built at the first EMA update
+        self._pairs: tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]] | None
         self._pairs = None
 
     def finalize(self, host) -> None:
@@ -157,7 +161,11 @@ class EMATeacher(PipelineModule):
         views = {1: state.x, 2: view.image}
         if self.teacher_views:
             with torch.no_grad():
-                t = self.teacher.encode(torch.cat([views[v] for v in self.teacher_views]), attn=False).tokens
+                t = (
+                    cast(ToCo, self.teacher)
+                    .encode(torch.cat([views[v] for v in self.teacher_views]), attn=False)
+                    .tokens
+                )
             for v, part in zip(self.teacher_views, t.chunk(len(self.teacher_views))):
                 res[f"teacher{v}"] = part
         state.teacher_out = res
@@ -165,16 +173,20 @@ class EMATeacher(PipelineModule):
 
     def teacher_parts(self) -> EMATeacher:
         """The teacher's copy of this module (its aggregation token and head)."""
-        return self.teacher.mods[next(n for n, m in self._host[0].mods.items() if m is self)]
+        return cast(
+            EMATeacher, cast(ToCo, self.teacher).mods[next(n for n, m in self._host[0].mods.items() if m is self)]
+        )
 
     @torch.no_grad()
     def on_step_end(self, it: int) -> None:
         """EMA of every student parameter into the teacher; buffers copied; distillation centres updated."""
         if self._pairs is None:
             student = dict(self._host[0].named_parameters())
-            pairs = [(p, student[n]) for n, p in self.teacher.named_parameters()]
+            pairs: list[tuple[torch.Tensor, torch.Tensor]] = [
+                (p, student[n]) for n, p in cast(ToCo, self.teacher).named_parameters()
+            ]
             sb = dict(self._host[0].named_buffers())
-            self._pairs = (pairs, [(b, sb[n]) for n, b in self.teacher.named_buffers()])
+            self._pairs = (pairs, [(b, sb[n]) for n, b in cast(ToCo, self.teacher).named_buffers()])
         pairs, buffers = self._pairs
         w = 1.0 - self.momentum_at(it)
         if w > 0:
@@ -233,8 +245,8 @@ class UncertainMasking(PipelineModule):
         """``fsr_patch``: teacher (unmasked view) -> student (masked view) on the masked tokens."""
         if self.cfg.w <= 0:
             return {}
-        ema = self.deps["ema_teacher"]
-        out, mask = ema.outputs(state), state.view_mask
+        ema = cast(EMATeacher, self.deps["ema_teacher"])
+        out, mask = ema.outputs(state), cast(torch.Tensor, state.view_mask)  # set by this module's extend
         m = mask.flatten(1)  # (B, N)
         s = ema.head(tokens(out["student"])[m])
         with torch.no_grad():
@@ -266,7 +278,7 @@ class SelfEnhancement(PipelineModule):
         """``fsr_class``: teacher aggregated token of view 1 -> student aggregated token of view 2."""
         if self.cfg.w <= 0:
             return {}
-        ema = self.deps["ema_teacher"]
+        ema = cast(EMATeacher, self.deps["ema_teacher"])
         out = ema.outputs(state)
         s = ema.head(ema.agg(out["student"]))
         with torch.no_grad():

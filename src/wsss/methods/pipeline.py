@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, ItemsView, Sequence, ValuesView
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -94,9 +94,10 @@ class PipelineModule(nn.Module):
     loss_names: ClassVar[tuple[str, ...]] = ()  # names its losses get in the logs and metrics.jsonl
     warmup_key: ClassVar[str] = ""  # its config key holding a warm-up iteration, if any
     uses: ClassVar[str] = ""  # what else it reads or keeps (attention maps, a bank, a teacher), for `wsss list`
-    teacher_views: ClassVar[tuple[int, ...]] = ()  # FSR teacher passes it reads: 1 training crop, 2 second view
     layers: tuple[int, ...] = ()  # backbone blocks whose pre-norm maps the module needs in ``StepState.out``
     attn_layers: tuple[int, ...] = ()  # backbone blocks whose attention maps it needs
+    # FSR teacher passes it reads: 1 training crop, 2 second view (FSR's ema_teacher sets the union on itself)
+    teacher_views: Sequence[int] = ()
 
     def __init__(self, cfg, host) -> None:
         super().__init__()
@@ -137,6 +138,17 @@ class PipelineModule(nn.Module):
         """After each optimizer step (memory bank writes, EMA updates)."""
 
 
+if TYPE_CHECKING:
+
+    class PipelineModuleDict(nn.ModuleDict):
+        """For the type checker only: the ``nn.ModuleDict`` of a host's modules, whose values are all
+        :class:`PipelineModule` (at run time a plain ``nn.ModuleDict``)."""
+
+        def __getitem__(self, key: str) -> PipelineModule: ...
+        def items(self) -> ItemsView[str, PipelineModule]: ...
+        def values(self) -> ValuesView[PipelineModule]: ...
+
+
 def block_hooks(backbone, module: str) -> dict:
     """The backbone's ``block_hooks`` dict; a ConfigError naming ``module`` when it has none (CNNs)."""
     from wsss.config import ConfigError
@@ -162,9 +174,9 @@ def check_backbone(names: list[str], model_cfg) -> None:
                           f"patch embeddings); model.backbone {model_cfg.backbone} is a CNN")  # fmt: skip
 
 
-def build_modules(names: tuple[str, ...], method_cfg, host) -> nn.ModuleDict:
+def build_modules(names: tuple[str, ...], method_cfg, host) -> PipelineModuleDict:
     """Instantiate the modules ``names`` with their config sections from ``method_cfg``."""
-    mods = nn.ModuleDict()
+    mods = cast("PipelineModuleDict", nn.ModuleDict())
     for n in names:
         mods[n] = MODULES.get(n)(getattr(method_cfg, n), host)
     for m in mods.values():
@@ -236,6 +248,12 @@ class ModuleHost:
     its :class:`StepState`; ``refine_labels`` on its pseudo labels; ``modules_step_end`` after the
     optimizer step; ``predictor`` for inference.
     """
+
+    # Provided by the Method this is mixed into, or set by init_modules (declared for the type checker).
+    Config: ClassVar[Any]  # the method's Config dataclass (has a ``modules`` field)
+    cfg: Any
+    backbone: nn.Module
+    mods: PipelineModuleDict
 
     @classmethod
     def config_class(cls, section: dict) -> type:

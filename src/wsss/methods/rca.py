@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -83,10 +84,11 @@ class RegionMemory(PipelineModule):
         """Weight-0 diagnostics of how far the bank has drifted from the current features: the mean cosine
         of the step's region features to the entries of their own class (``rca_bank_cos``) and of the
         other classes (``rca_bank_cos_other``). Empty while no region meets a filled class."""
-        b, k = state.region_has.nonzero(as_tuple=True)
+        # region_has / region_feats: set by this module's extend, which runs before every losses call
+        b, k = cast(torch.Tensor, state.region_has).nonzero(as_tuple=True)
         filled = self.bank.filled()
         with torch.no_grad():
-            f = state.region_feats[b, k].detach().float()  # (n, D) unit
+            f = cast(torch.Tensor, state.region_feats)[b, k].detach().float()  # (n, D) unit
             cos = torch.einsum("nd,cmd->ncm", f, self.bank.feats)  # (n, C, M)
             own = F.one_hot(k, filled.shape[0]).bool()[:, :, None] & filled[None]  # (n, C, M)
             other = ~F.one_hot(k, filled.shape[0]).bool()[:, :, None] & filled[None]
@@ -152,9 +154,10 @@ class RegionContrast(PipelineModule):
         c = self.cfg
         if c.w <= 0 or state.it < c.warmup:
             return {}
-        b, k = state.region_has.nonzero(as_tuple=True)
-        f = state.region_feats[b, k]  # (n, D)
-        bank, bank_labels = self.deps["region_memory"].bank.entries(c.min_entries)
+        # region_has / region_feats: set by region_memory's extend (a needed module, so it runs before this)
+        b, k = cast(torch.Tensor, state.region_has).nonzero(as_tuple=True)
+        f = cast(torch.Tensor, state.region_feats)[b, k]  # (n, D)
+        bank, bank_labels = cast(RegionMemory, self.deps["region_memory"]).bank.entries(c.min_entries)
         n = f.shape[0]
         partner, lam = torch.arange(n, device=f.device), torch.ones(n, device=f.device)
         if c.mixup > 0 and n > 1:
@@ -221,7 +224,7 @@ class RegionAggregation(PipelineModule):
 
     def refine_features(self, out) -> None:
         """tokens <- tokens + gate * o(attention over the bank); unchanged while the bank is empty."""
-        bank = self.deps["region_memory"].bank
+        bank = cast(RegionMemory, self.deps["region_memory"]).bank
         filled = bank.filled(self.cfg.min_entries)
         if not bool(filled.any()):
             return

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,19 @@ from wsss.models.backbone import split_output
 from wsss.models.heads import CAMHead, LargeFOVHead, ProjectionHead
 from wsss.registry import METHODS
 
+
+class _View2Kwargs(TypedDict):
+    """Keyword arguments of :func:`wsss.data.views.random_resized_view` that TOCO_VIEW2 sets."""
+
+    scale: tuple[float, float]
+    p_jitter: float
+    p_gray: float
+    p_blur: float
+    p_solarize: float
+
+
 # ToCo's second global view (its datasets/voc.py): crop area, jitter, grey, blur, solarisation.
-TOCO_VIEW2 = {"scale": (0.4, 1.0), "p_jitter": 0.8, "p_gray": 0.2, "p_blur": 0.1, "p_solarize": 0.2}
+TOCO_VIEW2: _View2Kwargs = {"scale": (0.4, 1.0), "p_jitter": 0.8, "p_gray": 0.2, "p_blur": 0.1, "p_solarize": 0.2}
 
 
 @METHODS.register("toco")
@@ -180,6 +192,8 @@ class ToCo(ModuleHost, Method):
         loss_cls = multilabel_loss(logits, tags)
         loss_aux = multilabel_loss(self.aux_head(aux), tags)
         # Forwards with gradient double as the unflipped CAM passes at their scales (detached there).
+        base: dict[float, tuple[torch.Tensor, ...]]
+        base_flip: dict[float, tuple[torch.Tensor, ...]]
         base, base_flip = {1.0: self._cam_pair(out)}, {}
         if c.w_ctc > 0:
             if c.ctc_view == "flip":
@@ -193,7 +207,7 @@ class ToCo(ModuleHost, Method):
             c.high_thre, c.low_thre, valid=small_valid,
         )  # fmt: skip
         loss = loss_cls + c.w_aux_cls * loss_aux
-        logs = {"cls": loss_cls.detach(), "aux_cls": loss_aux.detach()}
+        logs: dict[str, torch.Tensor | float] = {"cls": loss_cls.detach(), "aux_cls": loss_aux.detach()}
         contrast = it >= c.contrast_start
         if contrast:
             loss_ptc = patch_token_contrast(feat, tok_labels, self.classes.ignore_index)

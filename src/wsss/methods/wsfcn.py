@@ -53,6 +53,8 @@ from wsss.registry import METHODS, MODULES
 class ContextAggregationModule(PipelineModule):
     """WS-FCN's flexible context aggregation on the final feature map."""
 
+    block: FlexibleContext | ContextAggregation  # by ``mode``: fca | pool
+
     @dataclass(frozen=True)
     class Config:
         """Operator (``fca``: WS-FCN's, ``pool``: pooled grids), its shape, branch width, gate start."""
@@ -98,6 +100,8 @@ class FeatureFusionModule(PipelineModule):
     """WS-FCN's semantically consistent bottom-up fusion of a low-level map with the final map."""
 
     uses = "low-level maps of backbone layers"
+
+    block: FlowAlignedFusion | SemanticFusion  # by ``mode``: flow | pool
 
     @dataclass(frozen=True)
     class Config:

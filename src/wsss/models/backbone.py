@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -86,7 +88,7 @@ def check_weights_fit(name: str, file: str, **kw) -> None:
 
     kw = {k: v for k, v in kw.items() if k not in ("features_only", "out_indices", "output_stride")}
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **{**kw, "num_classes": 0})
+        model: Any = timm.create_model(name, pretrained=False, **{**kw, "num_classes": 0})  # timm attrs vary
     try:
         sd = load_state_dict(file)
     except Exception as e:  # not a state dict at all
@@ -153,6 +155,7 @@ class ViTBackbone(nn.Module):
         super().__init__()
 
         kw = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path)
+        self.vit: Any  # a timm VisionTransformer: its attributes (blocks, patch_embed, ...) vary by family
         self.vit, source = create_timm(name, weights, **kw)
         self.weights_source = source
         self.embed_dim: int = self.vit.embed_dim
@@ -173,7 +176,7 @@ class ViTBackbone(nn.Module):
         self.block_hooks: dict[int, list] = {}
         # block index -> fn(blk, x (B, T, D), n_app) -> x run instead of blk(x) while n_app > 0 tokens
         # are appended after the patches (class tokens' gated read-back)
-        self.block_runners: dict[int, object] = {}
+        self.block_runners: dict[int, Callable[[nn.Module, torch.Tensor, int], torch.Tensor]] = {}
 
     def _index(self, i: int) -> int:
         return i % self.depth
@@ -226,7 +229,7 @@ def _to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens[:, : h * w].transpose(1, 2).reshape(B, D, h, w)
 
 
-def attention_map(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def attention_map(blk: Any, x: torch.Tensor) -> torch.Tensor:
     """Softmax attention (B, heads, T, T) that timm block ``blk`` computes on input tokens ``x``.
 
     Recomputed from the block's own qkv projection, so fused attention can stay on for the forward.

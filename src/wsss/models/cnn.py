@@ -16,6 +16,8 @@ the closest it offers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -41,6 +43,7 @@ class CNNBackbone(nn.Module):
         if output_stride not in (8, 16, 32):
             raise ValueError(f"model.output_stride must be 8, 16 or 32 for a CNN backbone, got {output_stride}")
         # All feature levels; the stem's (index 0, stride 2) is dropped in forward and from the lists below.
+        self.net: Any  # a timm features_only model: its attributes (feature_info, stages) vary by family
         self.net, self.weights_source = create_timm(name, weights, features_only=True, output_stride=output_stride)
         info = self.net.feature_info
         self.dims: list[int] = list(info.channels())[1:]

@@ -8,7 +8,7 @@
 
 Train and val can be two separate folders (``data.train_root`` / ``data.val_root``); both must
 share one class list (give classes.txt, or the train folder's tags define it). One folder without
-split lists is split by itself: ``data.holdout`` (0.1) of its images, chosen by a hash of their names
+split lists is split by itself: ``data.folder.holdout`` (0.1) of its images, chosen by a hash of their names
 (the same on every run and machine), are the val split and are not trained on, so its val scores
 (mIoU, or the tag-level score of a folder without masks) are measured on images the model has not
 seen; with only ``<val_split>.txt``, training takes every image it does not list.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from wsss.data.base import Item, SegDataset, data_root, read_list
@@ -148,6 +149,20 @@ def held_out(names: list[str], share: float) -> set[str]:
 class FolderDataset(DatasetSpec):
     """A tagged folder (see the module docstring); its classes always come from the data."""
 
+    @dataclass(frozen=True)
+    class Config:
+        """``data.folder.holdout``: the share of a single folder without split lists held out as its val split;
+        ``data.folder.no_background``: the domain has no background class (label 0 is the first tag)."""
+
+        holdout: float = 0.1
+        no_background: bool = False
+
+        def __post_init__(self) -> None:
+            from wsss.config import ConfigError
+
+            if not 0 <= self.holdout < 1:
+                raise ConfigError(f"config key 'data.folder.holdout' must be in [0, 1), got {self.holdout!r}")
+
     layout = "folder (images/, tags.csv)"
 
     def detect(self, root: Path) -> int:
@@ -174,25 +189,26 @@ class FolderDataset(DatasetSpec):
 
     def build(self, cfg, split: str, transform, load_masks: bool) -> SegDataset:
         """Folder dataset for ``split``; the class list always comes from the train folder. Train and val in
-        one folder: without ``<split>.txt`` lists val is the ``cfg.holdout`` share and train the rest; with
+        one folder: without ``<split>.txt`` lists val is the ``data.folder.holdout`` share and train the rest; with
         only a val list, train is every image not in it."""
+        opts = cfg.options if isinstance(cfg.options, FolderDataset.Config) else FolderDataset.Config()
         train_root = data_root(cfg.train_root or cfg.root, "folder")
-        _, classes = read_folder(train_root, None, None, cfg.no_background)
+        _, classes = read_folder(train_root, None, None, opts.no_background)
         val_root = data_root(cfg.val_root or cfg.root or cfg.train_root, "folder")
         root = train_root if split == cfg.train_split else val_root
-        items, classes = read_folder(root, split, classes, cfg.no_background)
+        items, classes = read_folder(root, split, classes, opts.no_background)
         if split == cfg.val_split == cfg.train_split or train_root.resolve() != val_root.resolve():
             return SegDataset(items, classes, transform, load_masks)
         train_list, val_list = (root / f"{s}.txt" for s in (cfg.train_split, cfg.val_split))
         if split == cfg.train_split and val_list.is_file() and not train_list.is_file():
-            val = {it.name for it in read_folder(root, cfg.val_split, classes, cfg.no_background)[0]}
+            val = {it.name for it in read_folder(root, cfg.val_split, classes, opts.no_background)[0]}
             items = [it for it in items if it.name not in val]
         elif split in (cfg.train_split, cfg.val_split) and not train_list.is_file() and not val_list.is_file():
-            n, held = len(items), held_out([it.name for it in items], cfg.holdout)
+            n, held = len(items), held_out([it.name for it in items], opts.holdout)
             if held:
                 items = [it for it in items if (it.name in held) == (split == cfg.val_split)]
-                log.info("%s: no %s or %s, so %d of its %d images (data.holdout %g) are the val split, not trained on",
-                         root, train_list.name, val_list.name, len(held), n, cfg.holdout)  # fmt: skip
+                log.info("%s: no %s or %s, so %d of its %d images (data.folder.holdout %g) are the val split, not "
+                         "trained on", root, train_list.name, val_list.name, len(held), n, opts.holdout)  # fmt: skip
         if not items:
             raise DataError(f"{root}: no images left for split '{split}' once the val split is set aside")
         return SegDataset(items, classes, transform, load_masks)

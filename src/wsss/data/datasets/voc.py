@@ -112,7 +112,8 @@ class VOCLayout(DatasetSpec):
 
     def __init__(self, name: str, classes: ClassSpec, image_dir_fn=None, recognise=None, surely: int = 1,
                  layout: str = "", prepare_fn=None) -> None:  # fmt: skip
-        self.name, self.classes, self.image_dir_fn, self.layout = name, classes, image_dir_fn, layout
+        self.name, self.image_dir_fn, self.layout = name, image_dir_fn, layout
+        self.classes: ClassSpec = classes
         self.recognise, self.surely, self.prepare_fn = recognise, surely, prepare_fn
 
     def build(self, cfg, split: str, transform, load_masks: bool) -> SegDataset:

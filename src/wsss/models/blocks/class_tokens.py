@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -58,7 +60,7 @@ class ClassTokens(nn.Module):
         return a.reshape(B, K, h, w)
 
 
-def gated_block(blk: nn.Module, x: torch.Tensor, n_app: int, gate: torch.Tensor) -> torch.Tensor:
+def gated_block(blk: Any, x: torch.Tensor, n_app: int, gate: torch.Tensor) -> torch.Tensor:
     """timm ViT block ``blk`` on tokens (B, T, D) whose last ``n_app`` are appended class tokens, with the
     attention of every other token to them scaled by ``gate`` and renormalised:
     ``a_ij = g^[j appended] exp(s_ij) / sum_j' g^[j' appended] exp(s_ij')`` for the non-appended rows i.

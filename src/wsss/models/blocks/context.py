@@ -3,6 +3,8 @@ semantically consistent bottom-up fusion (flow-aligned on the low-level grid, an
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -204,10 +206,10 @@ class SemanticFusion(nn.Module):
     def forward(self, high: torch.Tensor, lows: list[torch.Tensor]) -> torch.Tensor:
         """high (B, D, h, w), lows [(B, D_l, h_l, w_l)] with h_l >= h -> (B, D, h, w)."""
         size = high.shape[-2:]
-        detail = 0
+        detail: torch.Tensor | int = 0
         for low, proj in zip(lows, self.proj):
             d = proj(low.to(high.dtype))
-            detail = detail + (d if d.shape[-2:] == size else F.adaptive_avg_pool2d(d, size))
+            detail = detail + (d if d.shape[-2:] == size else F.adaptive_avg_pool2d(d, cast("tuple[int, int]", size)))
         return high + self.gate.to(high.dtype)[:, None, None] * torch.sigmoid(self.sem(high)) * detail
 
 
@@ -249,7 +251,7 @@ class FlowAlignedFusion(nn.Module):
         self.low_in, self.high_in = nn.Conv2d(low_dim, hidden, 1), nn.Conv2d(dim, hidden, 1)
         self.flow = nn.Conv2d(2 * hidden, 2, 3, padding=1)
         nn.init.zeros_(self.flow.weight)
-        nn.init.zeros_(self.flow.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.flow.bias))  # Conv2d built with bias=True
         self.low_branch, self.high_branch = _conv_norm_relu(low_dim, hidden), _conv_norm_relu(dim, hidden)
         self.out = nn.Conv2d(2 * hidden, dim, 1)
 

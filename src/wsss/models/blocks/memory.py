@@ -22,6 +22,11 @@ class ClassMemoryBank(nn.Module):
         momentum: 0 for FIFO replacement, else the slot momentum.
     """
 
+    # buffers (register_buffer), declared for the type checker
+    feats: torch.Tensor  # (C, M, E)
+    ptr: torch.Tensor  # (C,) long
+    count: torch.Tensor  # (C,) long
+
     def __init__(self, num_classes: int, size: int, dim: int, momentum: float = 0.0) -> None:
         super().__init__()
         self.size, self.momentum = size, momentum
