@@ -48,7 +48,7 @@ def encode(bb: ViTBackbone, ds, side: int, layer: int):
     for b in eval_loader(ds, 1, 0, 1, 0):  # batch 1: the images may differ in size
         x = F.interpolate(b["image"], size=(side, side), mode="bilinear", align_corners=False)
         out = bb(x, layers=(layer,))
-        feats.append(out.tokens if layer == -1 else out.layers[layer % bb.depth])
+        feats.append(out.feat if layer == -1 else out.layers[layer % bb.depth])
         tags.append(b["tags"])
         masks.append(b.get("mask"))
     return torch.cat(feats), torch.cat(tags).float(), masks

@@ -42,7 +42,7 @@ class GapCam(Method):
 
     def _cam_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) class scores on the backbone's token grid."""
-        return self.classifier(self.backbone(images).tokens)
+        return self.classifier(self.backbone(images).feat)
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
         """Multi-label soft margin between the pooled scores (B, C) and the tags (B, C)."""

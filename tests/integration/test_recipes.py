@@ -86,3 +86,31 @@ def test_wheel_carries_every_recipe_and_finds_them_installed(tmp_path):
                          env=env)  # fmt: skip
     where, loaded = out.stdout.strip().splitlines()
     assert where.startswith(str(tmp_path / "site")) and loaded == "vit_small_patch14_dinov2 fsr"
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_our_recipes_set_only_what_their_base_does_not():
+    """A bench, demo or second-stage recipe (ours) holds only its differences from its _base_: a repeated value
+    would silently stop following the base. The paper recipes (<method>/<dataset>_<backbone>.yaml) are exempt:
+    they transcribe a paper's whole setting, so a value equal to ToCo's is still the paper's."""
+    import yaml
+
+    from wsss.config import read_yaml
+
+    checked, repeats = 0, []
+    for f in sorted(recipe_dir().rglob("*.yaml")):
+        if f.parent.name not in ("bench", "demo", "second_stage"):
+            continue
+        raw = yaml.safe_load(f.read_text()) or {}
+        if not raw.get("_base_"):
+            continue
+        base = _leaves(read_yaml((f.parent / raw.pop("_base_")).resolve()))
+        repeats += [f"{f.parent.name}/{f.name}: {k}" for k, v in _leaves(raw).items() if k in base and base[k] == v]
+        checked += 1
+    assert checked >= 10 and repeats == []

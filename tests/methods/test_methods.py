@@ -122,11 +122,11 @@ def test_one_batched_pass_of_two_views_equals_two_passes(name):
         a, b = m.encode(x[:2]), m.encode(x[2:])
     close = dict(rtol=1e-4, atol=1e-4)  # fp32 rounding of other matmul shapes; mixing images would be O(1)
     for got, ref in ((first, a), (second, b)):
-        torch.testing.assert_close(got.tokens, ref.tokens, **close)
+        torch.testing.assert_close(got.feat, ref.feat, **close)
         torch.testing.assert_close(got.prefix, ref.prefix, **close)
         for k in ref.layers:
             torch.testing.assert_close(got.layers[k], ref.layers[k], **close)
-    assert not torch.allclose(first.tokens, second.tokens)
+    assert not torch.allclose(first.feat, second.feat)
 
 
 @pytest.mark.parametrize("balanced", [True, False])
@@ -140,7 +140,7 @@ def test_toco_seg_loss_is_the_balanced_or_the_plain_ce(balanced):
                                         "--method.seg_balanced", str(balanced).lower()]), SPEC)  # fmt: skip
     labels = torch.full((2, 48, 48), 255)
     labels[:, 0, :4] = torch.tensor([0, 1, 1, 1])
-    m._refine = lambda *a: labels
+    m._par_pseudo_labels = lambda *a: labels
     seen = []
     head = m.seg_head.forward
     m.seg_head.forward = lambda f: seen.append(head(f)) or seen[-1]
@@ -211,8 +211,8 @@ def test_toco_contrast_start_and_auxiliary_pseudo_labels_before_aux_labels_until
     torch.manual_seed(0)
     m = build_method(cfg, SPEC)
     seen = []
-    refine = m._refine
-    m._refine = lambda cam, *a: seen.append(cam) or refine(cam, *a)
+    refine = m._par_pseudo_labels
+    m._par_pseudo_labels = lambda cam, *a: seen.append(cam) or refine(cam, *a)
     early, late = m.train_step(_batch(), 2), m.train_step(_batch(), 3)
     assert "ptc" not in early.logs and "ctc" not in early.logs and "seg" in early.logs
     assert "ptc" in late.logs and "ctc" in late.logs
@@ -220,7 +220,7 @@ def test_toco_contrast_start_and_auxiliary_pseudo_labels_before_aux_labels_until
     from wsss.cam.cam import multi_scale_cam
 
     with torch.no_grad():
-        cam, aux = multi_scale_cam(m._cams, _batch()["image"], cfg.method.cam_scales, cfg.method.cam_flip)
+        cam, aux = multi_scale_cam(m._cams_of_image, _batch()["image"], cfg.method.cam_scales, cfg.method.cam_flip)
     assert not torch.allclose(cam, aux)
     assert torch.allclose(seen[0], aux, atol=1e-5) and torch.allclose(seen[1], cam, atol=1e-5)
 

@@ -12,7 +12,7 @@ def _vit(**kw):
 def test_token_maps_layers_and_attention_shapes():
     b = _vit()
     out = b(torch.randn(2, 3, 64, 48), layers=(-3,), attn_layers=(0,))
-    assert out.tokens.shape == (2, b.embed_dim, 4, 3) and out.layers[b.depth - 3].shape == (2, b.embed_dim, 4, 3)
+    assert out.feat.shape == (2, b.embed_dim, 4, 3) and out.layers[b.depth - 3].shape == (2, b.embed_dim, 4, 3)
     assert out.prefix.shape == (2, 1, b.embed_dim)
     a = out.attn[0]
     assert a.shape == (2, b.vit.blocks[0].attn.num_heads, 13, 13) and torch.allclose(
@@ -32,12 +32,12 @@ def test_attention_map_matches_block_output():
 
 def test_non_multiple_sizes_are_resized_to_the_patch_grid():
     out = _vit()(torch.randn(1, 3, 50, 70))
-    assert out.tokens.shape[-2:] == (3, 4)  # round(50/16), round(70/16)
+    assert out.feat.shape[-2:] == (3, 4)  # round(50/16), round(70/16)
 
 
 def test_freeze_blocks_stops_gradients_there():
     b = _vit(freeze_blocks=2).train()
-    b(torch.randn(1, 3, 32, 32)).tokens.sum().backward()
+    b(torch.randn(1, 3, 32, 32)).feat.sum().backward()
     assert all(p.grad is None for p in b.vit.blocks[1].parameters()) and b.vit.pos_embed.grad is None
     assert all(p.grad is not None for p in b.vit.blocks[2].parameters())
 
@@ -47,7 +47,7 @@ def test_multiscale_cam_with_reused_base_equals_full_computation():
     head = torch.nn.Conv2d(b.embed_dim, 3, 1)
 
     def fn(x):
-        return (head(b(x).tokens),)
+        return (head(b(x).feat),)
 
     x = torch.randn(2, 3, 64, 64)
     full = multi_scale_cam(fn, x, (1.0, 0.5), True)[0]

@@ -70,29 +70,29 @@ def test_class_tokens_start_as_the_identity_and_their_read_gate_learns():
     m = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]")
     m.backbone.load_state_dict(base.backbone.state_dict())
     with torch.no_grad():
-        ref = base.backbone(x).tokens
+        ref = base.backbone(x).feat
     out = m.backbone(x)
-    assert torch.allclose(out.tokens, ref, atol=1e-5) and out.extra.shape[1] == SPEC.num_fg  # patches intact
+    assert torch.allclose(out.feat, ref, atol=1e-5) and out.extra.shape[1] == SPEC.num_fg  # patches intact
     m.cam_head.load_state_dict(base.cam_head.state_dict())
-    m.cam_head(out.tokens).sum().backward()  # a loss on the patches only
+    m.cam_head(out.feat).sum().backward()  # a loss on the patches only
     tok = m.mods["class_tokens"].tok
     assert tok.gate.grad is not None and tok.gate.grad.abs().min() > 0  # both gates (blocks 4, 5) learn
     # ... and the gradient is the loss's true right-derivative at 0 (sign and size), block by block
     m, x64 = m.double(), x.double()
     tok.gate.grad = None
-    m.cam_head(m.backbone(x64).tokens).sum().backward()
+    m.cam_head(m.backbone(x64).feat).sum().backward()
     with torch.no_grad():
-        base_loss = float(m.cam_head(m.backbone(x64).tokens).sum())
+        base_loss = float(m.cam_head(m.backbone(x64).feat).sum())
         for j in range(2):
             tok.gate[j] = 1e-6
-            slope = (float(m.cam_head(m.backbone(x64).tokens).sum()) - base_loss) / 1e-6
+            slope = (float(m.cam_head(m.backbone(x64).feat).sum()) - base_loss) / 1e-6
             tok.gate[j] = 0.0
             assert abs(slope - float(tok.gate.grad[j])) < 1e-3 * abs(slope), (j, slope, tok.gate.grad)
     opened = _build("--method.name", "cpf_cte", "--method.modules", "[class_tokens]",
                     "--method.class_tokens.read_gate_init", "1.0")  # fmt: skip
     opened.backbone.load_state_dict(base.backbone.state_dict())
     with torch.no_grad():
-        assert (opened.backbone(x).tokens - ref).abs().amax() > 1e-3  # joint attention: the tokens act at once
+        assert (opened.backbone(x).feat - ref).abs().amax() > 1e-3  # joint attention: the tokens act at once
 
 
 def _build(*over):
@@ -108,7 +108,7 @@ def test_class_tokens_get_gradient_from_their_classification_loss():
     m.zero_grad()
     loss = m.mods["class_tokens"].losses(_state_of(m))["ctk_cls"][1]
     loss.backward()
-    assert tok.tokens.grad.abs().sum() > 0 and tok.score_w.grad.abs().sum() > 0
+    assert tok.feat.grad.abs().sum() > 0 and tok.score_w.grad.abs().sum() > 0
     assert m.backbone.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0  # through the blocks they join
     assert m.cam_head.conv.weight.grad is None  # its own path: the patch CAM head is not involved
 
@@ -119,7 +119,7 @@ def _state_of(m):
     b = _batch()
     out = m.encode(b["image"])
     z = torch.zeros(1)
-    return StepState(b["image"], b["tags"], b["valid"], out, out.tokens, z, z, z, z, z, 0)
+    return StepState(b["image"], b["tags"], b["valid"], out, out.feat, z, z, z, z, z, 0)
 
 
 def test_cam_fusion_hand_computed_and_warmed_in():

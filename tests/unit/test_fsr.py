@@ -82,7 +82,7 @@ def test_patch_centre_follows_every_patch_token_of_the_view_not_only_the_masked_
     x = b["image"]
     out = m.encode(x)
     z = torch.zeros(1)
-    st = StepState(x, b["tags"], b["valid"], out, out.tokens, z, torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48),
+    st = StepState(x, b["tags"], b["valid"], out, out.feat, z, torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48),
                    z, z, 5000, torch.Generator().manual_seed(0))  # fmt: skip
     for mod in m.mods.values():
         mod.extend(st)
@@ -127,7 +127,7 @@ def test_self_enhancement_sees_only_the_unmasked_confident_tokens():
     x = b["image"]
     out = m.encode(x)
     z = torch.zeros(1)
-    st = StepState(x, b["tags"], b["valid"], out, out.tokens, z, torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48),
+    st = StepState(x, b["tags"], b["valid"], out, out.feat, z, torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48),
                    z, z, 5000, torch.Generator().manual_seed(0))  # fmt: skip
     for mod in m.mods.values():
         mod.extend(st)
@@ -152,11 +152,11 @@ def test_teacher_copies_other_modules_with_their_own_hooks():
     t = m.mods["ema_teacher"].teacher
     assert "mods.ema_teacher.teacher.mods.cf_bilstm.lstm.0.gate" in m.state_dict()
     x = _batch()["image"]
-    ref = t.encode(x).tokens
+    ref = t.encode(x).feat
     with torch.no_grad():  # change the student's BiLSTM and class tokens: the teacher's output must not move
         m.mods["cf_bilstm"].lstm[0].gate.fill_(3.0)
-        m.mods["class_tokens"].tok.tokens.mul_(-2.0)
-    assert torch.equal(t.encode(x).tokens, ref)
+        m.mods["class_tokens"].tok.feat.mul_(-2.0)
+    assert torch.equal(t.encode(x).feat, ref)
     out = m.train_step(_batch(), 1)
     assert {"ctk_cls", "fsr_patch", "fsr_class"} <= set(out.logs)
 
@@ -217,3 +217,42 @@ def test_predict_with_teacher_uses_the_teacher():
     assert not torch.equal(s.predict_seg(x), ref)  # default: the student predicts
     with pytest.raises(ConfigError, match="predict_with must be student or teacher"):
         _build("--method.ema_teacher.predict_with", "ema")
+
+
+def test_the_shared_projection_head_starts_as_fsrs_own_dino_head_did():
+    """FSR's DINO head became ProjectionHead(last_init="trunc_normal"): same random draws in the same order (the
+    last layer built as nn.Linear, then every layer trunc-normal), so seeded runs start where they did."""
+    import torch.nn as nn
+
+    from wsss.models.heads import ProjectionHead
+
+    torch.manual_seed(3)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 4))
+    last = nn.Linear(4, 32, bias=False)
+    for m in [*mlp, last]:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    torch.manual_seed(3)
+    head = ProjectionHead(8, 32, 16, 4, last_init="trunc_normal")
+    assert torch.equal(head.last, last.weight) and all(torch.equal(a, b) for a, b in zip(head.mlp.parameters(),
+                                                                                         mlp.parameters()))  # fmt: skip
+    x = torch.randn(5, 8)
+    old = nn.functional.normalize(mlp(x), dim=-1) @ nn.functional.normalize(last.weight, dim=1).t()
+    assert torch.equal(head(x), old)
+
+
+def test_a_checkpoint_of_the_old_dino_head_layout_loads():
+    from wsss.engine.checkpoint import load_weights
+
+    m = _build()
+    state = {k.replace("head.last", "head.last.weight") if k.endswith("head.last") else k: v.clone()
+             for k, v in m.state_dict().items()}  # fmt: skip
+    assert sum(k.endswith("head.last.weight") for k in state) == 2  # the student's head and the teacher's
+    fresh = _build()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)  # so only loading can make it equal to m
+    load_weights(fresh, state, "old.pt")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))

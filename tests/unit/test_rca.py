@@ -150,12 +150,12 @@ def test_aggregation_hand_computed_cosine_topk_and_noop_when_empty():
     x = torch.tensor([[[[2.0]], [[0.0]]]])  # one token (2, 0): (B=1, D=2, 1, 1)
     out = BackboneOutput(x, {}, None, {})
     agg.refine_features(out)
-    assert out.tokens is x and PRE_AGGREGATION not in out.maps  # empty bank: untouched
+    assert out.feat is x and PRE_AGGREGATION not in out.maps  # empty bank: untouched
     mem.bank.push(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
     agg.refine_features(out)
     p = torch.softmax(torch.tensor([1.0, 0.0]) / 0.5, 0)  # cosines 1 and 0 at temperature 0.5
     # values at the token's scale: the entries times the mean token norm 2
-    assert torch.allclose(out.tokens.flatten(), torch.tensor([2.0, 0.0]) + 2 * p, atol=1e-6)
+    assert torch.allclose(out.feat.flatten(), torch.tensor([2.0, 0.0]) + 2 * p, atol=1e-6)
     assert out.maps[PRE_AGGREGATION] is x
     # the token's norm does not change its attention (it did with the scaled dot product)
     assert torch.allclose(agg.scores(10 * x.flatten(2).transpose(1, 2), mem.bank.feats, mem.bank.filled()),
@@ -178,7 +178,7 @@ def test_aggregation_scaled_dot_product_variant_hand_computed():
     out = BackboneOutput(x, {}, None, {})
     agg.refine_features(out)
     p = torch.softmax(torch.tensor([2 / math.sqrt(2), 0.0]), 0)  # q.k / sqrt(dim), values unscaled
-    assert torch.allclose(out.tokens.flatten(), torch.tensor([2.0, 0.0]) + p, atol=1e-6)
+    assert torch.allclose(out.feat.flatten(), torch.tensor([2.0, 0.0]) + p, atol=1e-6)
 
 
 def _separable(C=6, M=4, D=32, norm=40.0, seed=0):
@@ -235,7 +235,7 @@ def test_aggregation_on_dinov2_features_is_token_specific():
     x = torch.tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with torch.no_grad():
-        tok = bb(x).tokens.flatten(2).transpose(1, 2)  # (24, 64, 384)
+        tok = bb(x).feat.flatten(2).transpose(1, 2)  # (24, 64, 384)
     lab = F.interpolate(torch.tensor(np.stack(masks))[:, None].float(), size=(8, 8), mode="nearest").long().flatten(1)
     C, D = 5, tok.shape[-1]
     ent = [[F.normalize(tok[b, lab[b] == c].mean(0), dim=0) for b in range(16) if (lab[b] == c).any()]
@@ -279,8 +279,8 @@ def test_aggregation_gate_zero_is_identity_and_the_gate_gets_gradient():
     x = torch.randn(1, 2, 3, 3)
     out = BackboneOutput(x, {}, None, {})
     agg.refine_features(out)
-    assert torch.equal(out.tokens, x)
-    out.tokens.pow(2).sum().backward()
+    assert torch.equal(out.feat, x)
+    out.feat.pow(2).sum().backward()
     assert agg.gate.grad.abs().sum() > 0
 
 

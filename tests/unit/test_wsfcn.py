@@ -171,9 +171,9 @@ def test_cnn_backbone_strides_dims_layers_and_frozen_bn():
     bb = CNNBackbone("resnet18", "none", output_stride=8, freeze_blocks=1)
     assert bb.dims == [64, 128, 256, 512] and bb.strides == [4, 8, 8, 8] and bb.embed_dim == 512
     out = bb(torch.randn(2, 3, 64, 64), layers=(0, -2))
-    assert out.tokens.shape == (2, 512, 8, 8) and out.prefix.shape == (2, 0, 512)
+    assert out.feat.shape == (2, 512, 8, 8) and out.prefix.shape == (2, 0, 512)
     assert out.layers[0].shape == (2, 64, 16, 16) and out.layers[2].shape == (2, 256, 8, 8)
-    assert CNNBackbone("resnet18", "none", output_stride=16)(torch.randn(1, 3, 64, 64)).tokens.shape[-1] == 4
+    assert CNNBackbone("resnet18", "none", output_stride=16)(torch.randn(1, 3, 64, 64)).feat.shape[-1] == 4
     bb.train()
     assert not bb.net.bn1.training and bb.net.layer2.training  # BN statistics frozen, the rest trains
     assert not any(p.requires_grad for p in bb.net.layer1.parameters())
@@ -270,9 +270,9 @@ def test_flow_fusion_module_feeds_the_seg_head_at_stride_4_of_a_cnn():
     m = build_method(load_config(None, over), SPEC).eval()
     x = torch.randn(1, 3, 64, 64)
     out = m.encode(x)
-    assert out.tokens.shape[-2:] == (4, 4) and out.maps[SEG_FEATURES].shape[-2:] == (16, 16)
+    assert out.feat.shape[-2:] == (4, 4) and out.maps[SEG_FEATURES].shape[-2:] == (16, 16)
     # gate 0: the seg head reads the upsampled final map
-    up = torch.nn.functional.interpolate(out.tokens, size=(16, 16), mode="bilinear", align_corners=False)
+    up = torch.nn.functional.interpolate(out.feat, size=(16, 16), mode="bilinear", align_corners=False)
     assert torch.equal(out.maps[SEG_FEATURES], up)
     before = m.predict_seg(x)
     with torch.no_grad():

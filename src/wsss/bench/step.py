@@ -72,7 +72,7 @@ def train_once(method, opt, batch: dict, it: int) -> None:
 
 def bare_pass(method, batch: dict) -> None:
     """The bare backbone forward+backward on ``batch``'s images, the yardstick of the step ratios."""
-    method.backbone(batch["image"]).tokens.float().mean().backward()
+    method.backbone(batch["image"]).feat.float().mean().backward()
     method.zero_grad(set_to_none=True)
 
 

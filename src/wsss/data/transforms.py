@@ -44,6 +44,17 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return y.expand_as(x)
 
 
+def adjust_colour(rgb: torch.Tensor, brightness, contrast, saturation) -> torch.Tensor:
+    """RGB (..., 3, H, W) in [0, 1] with brightness, contrast (about each image's mean) and saturation (about
+    its grey) scaled by the factors (floats, or tensors broadcastable to (..., 1, 1, 1)), clamped to [0, 1].
+    The loader's colour jitter and the on-device second view (:mod:`wsss.data.views`) both use it."""
+    x = rgb * brightness
+    mean = x.mean((-3, -2, -1), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = grayscale(x)
+    return ((x - gray) * saturation + gray).clamp(0, 1)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of each image of x (B, C, H, W) with its own ``sigma`` (B,) in pixels
     (reflect padding, kernel radius ceil(3 sigma_max), one grouped conv per axis, no loop)."""
@@ -114,12 +125,7 @@ class TrainTransform:
 
 def _jitter(x: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
     b, c, s = (1 + float(rng.uniform(-strength, strength)) for _ in range(3))
-    x = x * b
-    mean = x.mean()
-    x = (x - mean) * c + mean
-    gray = grayscale(x)
-    x = (x - gray) * s + gray
-    return x.clamp_(0, 1)
+    return adjust_colour(x, b, c, s)
 
 
 @dataclass(frozen=True)

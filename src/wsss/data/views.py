@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import roi_align
 
-from wsss.data.transforms import denormalize, gaussian_blur, grayscale, normalize
+from wsss.data.transforms import adjust_colour, denormalize, gaussian_blur, grayscale, normalize
 
 
 @dataclass
@@ -58,11 +58,7 @@ def random_resized_view(
         on = (u[:, 5] < p_jitter)[:, None, None, None]
         f = torch.rand(B, 3, generator=gen, device=dev) * 2 - 1
         b, c, s = (1 + jitter * f[:, 0]), (1 + jitter * f[:, 1]), (1 + jitter / 2 * f[:, 2])
-        rgb = denormalize(img) * b[:, None, None, None]
-        mean = rgb.mean((1, 2, 3), keepdim=True)
-        rgb = (rgb - mean) * c[:, None, None, None] + mean
-        gray = grayscale(rgb)
-        rgb = ((rgb - gray) * s[:, None, None, None] + gray).clamp(0, 1)
+        rgb = adjust_colour(denormalize(img), b[:, None, None, None], c[:, None, None, None], s[:, None, None, None])
         img = torch.where(on, normalize(rgb), img)
     if p_gray > 0 or p_blur > 0 or p_solarize > 0:
         rgb = denormalize(img)

@@ -95,7 +95,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 def load_weights(module: torch.nn.Module, state: dict, source: str | Path) -> None:
     """``module.load_state_dict(state)`` with a one-line CheckpointError naming ``source`` when the weights
-    do not fit (another backbone, class count or module list) instead of PyTorch's multi-line report."""
+    do not fit (another backbone, class count or module list) instead of PyTorch's multi-line report. A
+    submodule with an ``upgrade_state_dict(state, prefix) -> state`` first renames its old keys."""
+    state = dict(state)
+    for name, m in module.named_modules():  # modules whose parameters were renamed read older checkpoints
+        upgrade = getattr(m, "upgrade_state_dict", None)
+        if callable(upgrade):
+            state = upgrade(state, f"{name}." if name else "")
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

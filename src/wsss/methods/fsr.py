@@ -48,7 +48,8 @@ from wsss.losses.distill import CenteredDistill
 from wsss.methods.pipeline import PipelineModule, StepState
 from wsss.methods.regions import tokens
 from wsss.methods.toco import ToCo
-from wsss.models.blocks.dino import AggregationToken, DINOHead
+from wsss.models.blocks.dino import AggregationToken
+from wsss.models.heads import ProjectionHead
 from wsss.registry import METHODS, MODULES
 
 
@@ -110,7 +111,7 @@ class EMATeacher(PipelineModule):
         D = bb.embed_dim
         heads = getattr(bb, "num_heads", 0) or max(1, D // 64)
         self.agg = AggregationToken(D, heads, cfg.agg_depth)
-        self.head = DINOHead(D, cfg.out_dim, cfg.hidden, cfg.bottleneck)
+        self.head = ProjectionHead(D, cfg.out_dim, cfg.hidden, cfg.bottleneck, last_init="trunc_normal")
         kw: dict[str, Any] = dict(student_temp=cfg.student_temp, teacher_temp=cfg.teacher_temp,
                                   teacher_temp_end=cfg.teacher_temp_end, warmup=cfg.teacher_temp_iters,
                                   center_momentum=cfg.center_momentum)  # fmt: skip
@@ -157,15 +158,11 @@ class EMATeacher(PipelineModule):
         if state.teacher_out is not None:
             return state.teacher_out
         host, view = self._host[0], state.view
-        res = {"student": host.encode(view.image, attn=False, embed_hook=state.embed_hook).tokens}
+        res = {"student": host.encode(view.image, attn=False, embed_hook=state.embed_hook).feat}
         views = {1: state.x, 2: view.image}
         if self.teacher_views:
             with torch.no_grad():
-                t = (
-                    cast(ToCo, self.teacher)
-                    .encode(torch.cat([views[v] for v in self.teacher_views]), attn=False)
-                    .tokens
-                )
+                t = cast(ToCo, self.teacher).encode(torch.cat([views[v] for v in self.teacher_views]), attn=False).feat
             for v, part in zip(self.teacher_views, t.chunk(len(self.teacher_views))):
                 res[f"teacher{v}"] = part
         state.teacher_out = res

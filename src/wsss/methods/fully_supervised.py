@@ -56,9 +56,9 @@ class FullySupervised(Method):
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
         """CE of seg logits against batch["mask"] (B, H, W)."""
-        loss = seg_loss(self.seg_head(self.backbone(batch["image"]).tokens), batch["mask"], self.classes.ignore_index)
+        loss = seg_loss(self.seg_head(self.backbone(batch["image"]).feat), batch["mask"], self.classes.ignore_index)
         return StepOutput(self.cfg.w_seg * loss, {"seg": loss.detach()})
 
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""
-        return upsample(self.seg_head(self.backbone(images).tokens), images.shape[-2:])
+        return upsample(self.seg_head(self.backbone(images).feat), images.shape[-2:])

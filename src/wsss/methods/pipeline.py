@@ -35,7 +35,7 @@ import torch.nn as nn
 from wsss.registry import MODULES
 
 # BackboneOutput.maps key of a finer map (B, D, H, W) a module builds for the seg head (WS-FCN's fusion at
-# the low-level stride); without it the seg head reads the final map ``tokens``.
+# the low-level stride); without it the seg head reads the final map ``feat``.
 SEG_FEATURES = "seg_features"
 
 
@@ -115,7 +115,7 @@ class PipelineModule(nn.Module):
         return None
 
     def refine_features(self, out) -> None:
-        """Refine ``out.tokens`` (B, D, h, w) in place on the BackboneOutput ``out`` (before every head)."""
+        """Refine ``out.feat`` (B, D, h, w) in place on the BackboneOutput ``out`` (before every head)."""
 
     def fuse_cam(self, cam: torch.Tensor, out) -> torch.Tensor:
         """Refine raw CAMs (B, C, h, w) using the backbone output ``out`` of the same pass."""

@@ -223,18 +223,18 @@ class RegionAggregation(PipelineModule):
         return self.scores(x, bank, filled).softmax(-1) @ self.v(scale * bank.reshape(C * M, D))
 
     def refine_features(self, out) -> None:
-        """tokens <- tokens + gate * o(attention over the bank); unchanged while the bank is empty."""
+        """feat <- feat + gate * o(attention over the bank); unchanged while the bank is empty."""
         bank = cast(RegionMemory, self.deps["region_memory"]).bank
         filled = bank.filled(self.cfg.min_entries)
         if not bool(filled.any()):
             return
-        feat = out.tokens
+        feat = out.feat
         out.maps[PRE_AGGREGATION] = feat
         x = tokens(feat)
         scale = x.detach().norm(dim=-1).mean() if self.cfg.cosine else 1.0
         ctx = self.o(self.context(x, bank.feats.to(x.dtype), filled, scale))
         y = x + self.gate.to(x.dtype) * ctx
-        out.tokens = y.transpose(1, 2).reshape(feat.shape)
+        out.feat = y.transpose(1, 2).reshape(feat.shape)
 
 
 @METHODS.register("rca")

@@ -134,13 +134,13 @@ class ToCo(ModuleHost, Method):
             self.proj_t = copy.deepcopy(self.proj).requires_grad_(False)
         self.init_modules((self.aux_layer,))
 
-    def _cam_pair(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cams_of_output(self, out) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (CAM, aux CAM) (B, C, h, w) of one backbone output; modules may refine the CAM."""
-        return self.fuse_cams(self.cam_head.cam(out.tokens), out), self.aux_head.cam(out.layers[self.aux_layer])
+        return self.fuse_cams(self.cam_head.cam(out.feat), out), self.aux_head.cam(out.layers[self.aux_layer])
 
     def _class_token(self, out) -> torch.Tensor:
         # Backbones without a class token use the mean patch token.
-        return out.prefix[:, 0] if out.prefix.shape[1] else out.tokens.mean((2, 3))
+        return out.prefix[:, 0] if out.prefix.shape[1] else out.feat.mean((2, 3))
 
     def _ctc(self, x, glob, aux_cam, tags, gen) -> torch.Tensor:
         c = self.cfg
@@ -162,8 +162,10 @@ class ToCo(ModuleHost, Method):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
         self.modules_step_end(it)
 
-    def _cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._cam_pair(self.encode(x))
+    def _cams_of_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (CAM, aux CAM) (B, C, h, w) of images x (B, 3, H, W): one backbone pass (what
+        :func:`~wsss.cam.cam.multi_scale_cam` calls at each scale)."""
+        return self._cams_of_output(self.encode(x))
 
     def train_step(self, batch: dict, it: int) -> StepOutput:
         """Classification (final + aux), PTC and CTC (from ``contrast_start``), and after ``seg_warmup`` seg
@@ -187,19 +189,19 @@ class ToCo(ModuleHost, Method):
                 out, out2 = self.encode(x), self.encode(x2)
         else:
             out = self.encode(x)
-        feat, aux = out.tokens, out.layers[self.aux_layer]
+        feat, aux = out.feat, out.layers[self.aux_layer]
         logits = self.cam_head(feat)
         loss_cls = multilabel_loss(logits, tags)
         loss_aux = multilabel_loss(self.aux_head(aux), tags)
         # Forwards with gradient double as the unflipped CAM passes at their scales (detached there).
         base: dict[float, tuple[torch.Tensor, ...]]
         base_flip: dict[float, tuple[torch.Tensor, ...]]
-        base, base_flip = {1.0: self._cam_pair(out)}, {}
+        base, base_flip = {1.0: self._cams_of_output(out)}, {}
         if c.w_ctc > 0:
             if c.ctc_view == "flip":
-                base_flip[s2] = self._cam_pair(out2)
+                base_flip[s2] = self._cams_of_output(out2)
             glob = torch.stack([self._class_token(out), self._class_token(out2)], 1)  # (B, 2 views, D)
-        cam, aux_cam = multi_scale_cam(self._cams, x, c.cam_scales, c.cam_flip, base=base, base_flip=base_flip)
+        cam, aux_cam = multi_scale_cam(self._cams_of_image, x, c.cam_scales, c.cam_flip, base=base, base_flip=base_flip)
         h, w = feat.shape[-2:]
         small_valid = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")[:, 0].bool()
         tok_labels = cam_to_label(
@@ -222,25 +224,33 @@ class ToCo(ModuleHost, Method):
             st = StepState(x, tags, valid, out, feat, logits, cam, aux_cam, tok_labels, small_valid, it, gen)
             loss = self.add_module_losses(st, loss, logs)
         if it >= c.seg_warmup and c.w_seg > 0:
-            labels = self._refine(aux_cam if it < c.aux_labels_until else cam, x, tags, valid)
+            rgb = denormalize(x)  # (B, 3, H, W) in [0, 1] for PAR and the energy term: once per step
+            labels = self._par_pseudo_labels(aux_cam if it < c.aux_labels_until else cam, x, rgb, tags, valid)
             seg = upsample(self.seg_head(out.maps.get(SEG_FEATURES, feat)), labels.shape[-2:])
             seg_ce = balanced_seg_loss if c.seg_balanced else seg_loss
             loss_seg = seg_ce(seg, labels, self.classes.ignore_index)
             loss = loss + c.w_seg * loss_seg
             logs["seg"] = loss_seg.detach()
             if c.w_reg > 0:
-                rgb = denormalize(x) * 255
-                loss_reg = dense_energy_loss(seg.softmax(1), rgb, labels, valid, ignore_index=self.classes.ignore_index,
-                                             ref_side=c.reg_ref_side)  # fmt: skip
+                loss_reg = dense_energy_loss(
+                    seg.softmax(1),
+                    rgb * 255,
+                    labels,
+                    valid,
+                    ignore_index=self.classes.ignore_index,
+                    ref_side=c.reg_ref_side,
+                )
                 loss = loss + c.w_reg * loss_reg
                 logs["reg"] = loss_reg.detach()
         return StepOutput(loss, logs)
 
     @torch.no_grad()
-    def _refine(self, cam, x, tags, valid):
+    def _par_pseudo_labels(self, cam, x, rgb, tags, valid):
+        """Pseudo labels (B, H, W) (255: uncertain) of CAMs (B, C, H, W) by the two thresholds, refined by PAR on
+        ``rgb`` (B, 3, H, W) in [0, 1] (the normalised images ``x``, denormalised), then by the modules."""
         c = self.cfg
         labels = refine_pseudo_labels(
-            cam, denormalize(x), tags, self.classes, c.high_thre, c.low_thre, c.par_scale, c.par_iters,
+            cam, rgb, tags, self.classes, c.high_thre, c.low_thre, c.par_scale, c.par_iters,
             c.par_dilations, valid,
         )  # fmt: skip
         return self.refine_labels(labels, cam, x, tags, valid)
@@ -250,21 +260,22 @@ class ToCo(ModuleHost, Method):
         """Multi-scale flipped final-layer CAMs (B, C, H, W) in [0, 1] (of the network a module may name for
         inference, e.g. FSR's teacher)."""
         net = self.predictor()
-        return multi_scale_cam(net._cams, images, self.cfg.cam_scales, self.cfg.cam_flip)[0]
+        return multi_scale_cam(net._cams_of_image, images, self.cfg.cam_scales, self.cfg.cam_flip)[0]
 
     @torch.no_grad()
     def pseudo_labels(self, images, tags, valid=None, cams=None) -> torch.Tensor:
         """PAR-refined pseudo labels (B, H, W), exactly as the seg head is trained on."""
-        return self._refine(self.predict_cams(images) if cams is None else cams, images, tags, valid)
+        cams = self.predict_cams(images) if cams is None else cams
+        return self._par_pseudo_labels(cams, images, denormalize(images), tags, valid)
 
     @torch.no_grad()
     def predict_tags(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities (B, C) of the CAM head's image classifier (the one trained on the tags)."""
         net = self.predictor()
-        return torch.sigmoid(net.cam_head(net.encode(images, attn=False).tokens).float())
+        return torch.sigmoid(net.cam_head(net.encode(images, attn=False).feat).float())
 
     def predict_seg(self, images: torch.Tensor) -> torch.Tensor:
         """Seg logits (B, K, H, W)."""
         net = self.predictor()
         out = net.encode(images, attn=False)
-        return upsample(net.seg_head(out.maps.get(SEG_FEATURES, out.tokens)), images.shape[-2:])
+        return upsample(net.seg_head(out.maps.get(SEG_FEATURES, out.feat)), images.shape[-2:])

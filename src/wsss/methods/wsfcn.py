@@ -88,11 +88,11 @@ class ContextAggregationModule(PipelineModule):
             raise ConfigError(f"config key method.context_aggregation.mode must be fca or pool, got '{cfg.mode}'")
 
     def refine_features(self, out) -> None:
-        """tokens (B, D, h, w) <- tokens + gate * context."""
+        """feat (B, D, h, w) <- feat + gate * context."""
         if isinstance(self.block, FlexibleContext):
-            out.tokens = self.block(out.tokens, getattr(self._host[0], "step_gen", None))
+            out.feat = self.block(out.feat, getattr(self._host[0], "step_gen", None))
         else:
-            out.tokens = self.block(out.tokens)
+            out.feat = self.block(out.feat)
 
 
 @MODULES.register("feature_fusion")
@@ -134,11 +134,11 @@ class FeatureFusionModule(PipelineModule):
 
     def refine_features(self, out) -> None:
         """flow: ``maps[SEG_FEATURES]`` (B, D, H, W) on the low-level grid, the upsampled final map plus
-        gate * fusion; pool: tokens <- tokens + a * sigmoid(semantics) * projected low-level detail."""
+        gate * fusion; pool: feat <- feat + a * sigmoid(semantics) * projected low-level detail."""
         if self.cfg.mode == "pool":
-            out.tokens = self.block(out.tokens, [out.layers[i] for i in self.layers])
+            out.feat = self.block(out.feat, [out.layers[i] for i in self.layers])
             return
-        high, low = out.tokens, out.layers[self.layers[0]]
+        high, low = out.feat, out.layers[self.layers[0]]
         fine = upsample(high, low.shape[-2:])
         out.maps[SEG_FEATURES] = fine + self.gate.to(high.dtype)[:, None, None] * self.block(high, low)
 

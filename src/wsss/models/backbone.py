@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BackboneOutput:
-    """``tokens`` (B, D, h, w) final normed patch map; ``layers`` {index: (B, D, h, w)} pre-norm maps
+    """``feat`` (B, D, h, w) final normed patch map; ``layers`` {index: (B, D, h, w)} pre-norm maps
     of requested blocks; ``prefix`` (B, P, D) final class/register tokens; ``attn`` {index: (B, heads,
     T, T)} attention maps of requested blocks (token order: prefix, h*w patches, extra); ``extra``
     (B, E, D) final normed tokens that block hooks appended after the patches (e.g. class tokens);
-    ``maps`` {name: (B, D, h, w)} named maps that pipeline modules record while refining ``tokens``."""
+    ``maps`` {name: (B, D, h, w)} named maps that pipeline modules record while refining ``feat``."""
 
-    tokens: torch.Tensor
+    feat: torch.Tensor
     layers: dict[int, torch.Tensor]
     prefix: torch.Tensor
     attn: dict[int, torch.Tensor]
@@ -47,7 +47,7 @@ def split_output(out: BackboneOutput, n: int) -> tuple[BackboneOutput, BackboneO
 
     def part(sl: slice) -> BackboneOutput:
         return BackboneOutput(
-            out.tokens[sl], {k: v[sl] for k, v in out.layers.items()}, out.prefix[sl],
+            out.feat[sl], {k: v[sl] for k, v in out.layers.items()}, out.prefix[sl],
             {k: v[sl] for k, v in out.attn.items()}, None if out.extra is None else out.extra[sl],
             {k: v[sl] for k, v in out.maps.items()},
         )  # fmt: skip

@@ -1,6 +1,6 @@
 """timm CNN wrapper (ResNet family and other ``features_only`` models) behind the ViT backbone interface.
 
-``forward`` returns the same :class:`~wsss.models.backbone.BackboneOutput` as the ViT: ``tokens`` is the
+``forward`` returns the same :class:`~wsss.models.backbone.BackboneOutput` as the ViT: ``feat`` is the
 deepest stage's map (B, D, h, w), ``layers`` the requested stages' maps (each at its own resolution and
 width, see ``dims``), an empty ``prefix`` (methods then use the mean token where a ViT class token
 would go) and no attention maps. Output stride 8 or 16 comes from dilating the last stages (timm's

@@ -1,4 +1,4 @@
-"""Heads shared by the methods: CAM/classifier head and LargeFOV segmentation head."""
+"""Heads shared by the methods: CAM/classifier head, segmentation heads, projection and MLP heads."""
 
 from __future__ import annotations
 
@@ -89,33 +89,52 @@ def seg_head(kind: str, dim: int, hidden: int, num_classes: int) -> nn.Module:
 
 
 class ProjectionHead(nn.Module):
-    """DINO-style projector: 3-layer MLP to a bottleneck, L2 normalisation, then a weight-normalised
-    linear layer whose gain is fixed at 1 (each output is a cosine to a learned direction).
+    """DINO-style projector: 3-layer MLP (GELU) to a bottleneck, L2 normalisation, then a weight-normalised
+    linear layer whose gain is fixed at 1 (each output is a cosine to a learned direction). ToCo's class-token
+    projector and FSR's DINO head.
 
     Args:
         dim: input width D.
-        out_dim: output width.
+        out_dim: output width K.
         hidden: MLP width.
         bottleneck: bottleneck width.
+        last_init: the last layer's directions: ``kaiming`` (nn.Linear's default, as ToCo's official head, whose
+            trunc-normal init runs before that layer exists) or ``trunc_normal`` (std 0.02, as DINO and FSR,
+            whose init covers every layer). The rows are normalised, so their size only sets how fast their
+            directions turn under AdamW.
     """
 
-    def __init__(self, dim: int, out_dim: int = 1024, hidden: int = 2048, bottleneck: int = 256) -> None:
+    def __init__(self, dim: int, out_dim: int = 1024, hidden: int = 2048, bottleneck: int = 256,
+                 last_init: str = "kaiming") -> None:  # fmt: skip
         super().__init__()
+        if last_init not in ("kaiming", "trunc_normal"):
+            raise ValueError(f"last_init must be kaiming or trunc_normal, got {last_init!r}")
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))  # fmt: skip
+        last = torch.empty(out_dim, bottleneck)
+        if last_init == "trunc_normal":  # the random draws of DINO's order: the last layer built, then all initialised
+            nn.init.kaiming_uniform_(last, a=math.sqrt(5))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # nn.Linear's default init, as the official heads (their trunc-normal init runs before the last layer
-        # exists): the rows are normalised, so their size only sets how fast their directions turn under AdamW.
-        self.last = nn.Parameter(torch.empty(out_dim, bottleneck))
-        nn.init.kaiming_uniform_(self.last, a=5**0.5)
+        if last_init == "trunc_normal":
+            nn.init.trunc_normal_(last, std=0.02)
+        else:
+            nn.init.kaiming_uniform_(last, a=math.sqrt(5))
+        self.last = nn.Parameter(last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, out_dim)."""
+        """(..., D) -> (..., out_dim)."""
         z = nn.functional.normalize(self.mlp(x), dim=-1)
-        return nn.functional.linear(z, nn.functional.normalize(self.last, dim=1))
+        return nn.functional.linear(z, nn.functional.normalize(self.last, dim=1).to(z.dtype))
+
+    def upgrade_state_dict(self, state: dict, prefix: str) -> dict:
+        """Checkpoints of FSR's separate DINO head (before the two heads were one class) kept the last layer as
+        ``last.weight``; read it as ``last`` (called by :func:`wsss.engine.checkpoint.load_weights`)."""
+        if prefix + "last.weight" in state and prefix + "last" not in state:
+            state[prefix + "last"] = state.pop(prefix + "last.weight")
+        return state
 
 
 class MLPHead(nn.Module):

@@ -30,15 +30,15 @@ class ClassTokens(nn.Module):
     def __init__(self, num_fg: int, dim: int, blocks: int = 1, gate_init: float = 0.0) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.full((blocks,), float(gate_init)))
-        self.tokens = nn.Parameter(torch.zeros(num_fg, dim))
-        nn.init.trunc_normal_(self.tokens, std=0.02)
+        self.feat = nn.Parameter(torch.zeros(num_fg, dim))
+        nn.init.trunc_normal_(self.feat, std=0.02)
         self.score_w = nn.Parameter(torch.zeros(num_fg, dim))
         nn.init.trunc_normal_(self.score_w, std=0.02)
         self.score_b = nn.Parameter(torch.zeros(num_fg))
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """Token sequence (B, T, D) -> (B, T + K, D) with the class tokens at the end."""
-        return torch.cat([x, self.tokens.to(x.dtype).expand(x.shape[0], -1, -1)], 1)
+        return torch.cat([x, self.feat.to(x.dtype).expand(x.shape[0], -1, -1)], 1)
 
     def scores(self, final: torch.Tensor) -> torch.Tensor:
         """Class scores (B, K) from the final (normed) class tokens (B, K, D)."""

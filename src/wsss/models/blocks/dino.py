@@ -1,4 +1,4 @@
-"""FSR's aggregation token (class-attention blocks) and DINO-style projection head."""
+"""FSR's aggregation token (class-attention blocks); its DINO-style head is wsss.models.heads.ProjectionHead."""
 
 from __future__ import annotations
 
@@ -59,28 +59,3 @@ class AggregationToken(nn.Module):
         for blk in self.blocks:
             tok = blk(tok, patches)
         return self.norm(tok)[:, 0]
-
-
-class DINOHead(nn.Module):
-    """MLP (D -> hidden -> hidden -> bottleneck, GELU), L2-normalise, weight-normalised linear to K logits.
-
-    The last layer's weight-norm gain is fixed at 1 (DINO / FSR), so the logits are cosines scaled by
-    the direction vectors' unit norm.
-    """
-
-    def __init__(self, dim: int, out_dim: int = 4096, hidden: int = 2048, bottleneck: int = 256) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
-        )
-        self.last = nn.Linear(bottleneck, out_dim, bias=False)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> logits (..., K)."""
-        z = F.normalize(self.mlp(x), dim=-1)
-        return z @ F.normalize(self.last.weight, dim=1).t().to(z.dtype)
