@@ -67,7 +67,7 @@ def _instantiate(cfg, classes: ClassSpec, state: dict, device: str | None, sourc
     ``source``, named in errors)."""
     from wsss.build import build_method
     from wsss.engine.checkpoint import load_weights
-    from wsss.engine.trainer import pick_device
+    from wsss.engine.runtime import pick_device
 
     method = build_method(cfg, classes)
     load_weights(method, state, source)

@@ -44,6 +44,6 @@ def test_one_read_from_the_device_per_step_whatever_the_losses_and_micro_batches
         with HostReads() as reads:
             step = tr.run_step(it, data)
         assert tr.accum == 2 and len(step.logs) >= 4  # two micro-batches, several named losses
-        assert reads.calls == [reads.calls[0]] and reads.calls[0].startswith("tolist at trainer.py"), reads.calls
+        assert reads.calls == [reads.calls[0]] and reads.calls[0].startswith("tolist at runtime.py"), reads.calls
     # what the one read returned is what the log and the guard use: plain Python floats, the step taken
     assert step.taken and type(step.loss) is float and all(type(v) is float for v in step.logs.values())

@@ -16,7 +16,7 @@ import torch
 from wsss.build import build_dataset, build_method
 from wsss.data.classes import VOC
 from wsss.engine.optim import build_optimizer
-from wsss.engine.trainer import pick_device
+from wsss.engine.runtime import pick_device
 from wsss.registry import DATASETS
 
 

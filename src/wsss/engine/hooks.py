@@ -109,11 +109,18 @@ class CheckpointHook(Hook):
 
 class EvalHook(Hook):
     """Val evaluation every ``train.eval_every`` steps and at ``train.max_iters`` (``best.pt`` kept); at the
-    end of the schedule ``final_eval.json`` (also when a run resumed at its end still lacks it). The
-    final results are ``trainer.results``."""
+    end of the schedule ``final_eval.json`` (also when a run resumed at its end still lacks it). A run
+    resumed at a checkpoint whose evaluation was interrupted evaluates it first. The final results are
+    ``trainer.results``."""
 
     def before_train(self, trainer, end: int) -> None:
         trainer.results = None
+        if getattr(trainer, "eval_missing", False):  # killed during the evaluation that follows a checkpoint
+            s = trainer.start_iter
+            log.info("iteration %d: its evaluation did not finish before the run stopped; evaluating now", s)
+            trainer.results = trainer.evaluate(s)
+            trainer.save_best(s, trainer.results)
+            trainer.eval_missing = False
 
     def after_step(self, trainer, step: StepInfo, end: int) -> None:
         t = trainer.cfg.train

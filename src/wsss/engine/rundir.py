@@ -3,15 +3,19 @@
 A new run never writes into a directory that holds another run's files: it needs ``--resume`` (continue
 it) or ``--overwrite`` (replace it; only the trainer's own files are removed). A resumed run starts by
 removing the temporary files a kill during an atomic write left behind, and by cutting
-``metrics.jsonl`` back to the checkpoint it resumes from, so every iteration is logged once.
+``metrics.jsonl`` back to the checkpoint it resumes from, so every iteration is logged once. While a
+trainer writes into a directory it holds ``.wsss.lock``: a second process (a resume, an ``--overwrite``)
+is refused instead of writing into the same files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
+from typing import IO
 
 from wsss.utils.files import atomic_write
 
@@ -20,6 +24,7 @@ log = logging.getLogger("wsss")
 # What the trainer writes into a run directory (``tb/``: TensorBoard, when on).
 RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "final_eval.json")
 RUN_DIRS = ("checkpoints", "tb")
+LOCK_FILE = ".wsss.lock"
 
 
 class RunDirError(ValueError):
@@ -61,7 +66,7 @@ def prepare_new_run(run_dir: Path, overwrite: bool, remove: bool = True) -> None
             p.unlink()
     for p in sorted(run_dir.glob("eval_*.json")):  # `wsss evaluate` scores of the model being replaced
         p.unlink()
-    if left := sorted(p.name for p in run_dir.iterdir()):
+    if left := sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE):
         log.warning("%s: --overwrite removed the earlier run's %s; left in place: %s", run_dir, ", ".join(found),
                     ", ".join(left))  # fmt: skip
 
@@ -114,3 +119,56 @@ def trim_metrics(path: Path, start_iter: int, redo_eval: bool) -> int:
         log.info("metrics.jsonl: %d record(s) after iteration %d dropped (they are logged again)", dropped,
                  start_iter)  # fmt: skip
     return dropped
+
+
+class RunLock:
+    """An exclusive POSIX lock on ``run_dir/.wsss.lock`` (the file holds the owner's pid), held while a trainer
+    writes into ``run_dir``; released (and the file removed) by :meth:`release`, or by the system when the
+    process ends, also when it is killed. A POSIX lock (``lockf``) rather than ``flock``: forked data-loader
+    workers do not inherit it, so a killed run's lingering workers never block its resume. It guards
+    against other processes only. Without ``fcntl`` (Windows) runs are not guarded."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock (a no-op when held).
+
+        Raises:
+            RunDirError: another process holds it (the message names its pid).
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock on this platform
+            return
+        while self.file is None:
+            f = open(self.path, "a+")
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                raise RunDirError(f"{self.path.parent}: another wsss process (pid {holder}) is writing this run; "
+                                  "wait for it to end or stop it, then run again") from None  # fmt: skip
+            try:  # the holder before us may have removed the file after we opened it: lock the one on disk
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                f.close()
+                continue
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            self.file = f
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (a no-op when not held)."""
+        if self.file is None:
+            return
+        self.path.unlink(missing_ok=True)  # before the unlock: a waiting process then locks a new file
+        self.file.close()
+        self.file = None

@@ -12,9 +12,6 @@ import json
 import logging
 import math
 import os
-import platform
-import subprocess
-import sys
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +40,8 @@ from wsss.engine.guard import (
 )
 from wsss.engine.hooks import Hook, StepInfo, default_hooks
 from wsss.engine.optim import build_optimizer, set_lr
-from wsss.engine.rundir import RunDirError, prepare_new_run, remove_temporaries, trim_metrics
+from wsss.engine.rundir import RunDirError, RunLock, prepare_new_run, remove_temporaries, trim_metrics
+from wsss.engine.runtime import amp_dtype, env_info, host_floats, pick_device, seed_everything
 from wsss.engine.threads import busy_host_warning, configure_threads, cpu_budget
 from wsss.evaluation.evaluators import format_table, headline, run_evaluation
 from wsss.registry import METHODS
@@ -52,74 +50,6 @@ from wsss.utils.files import atomic_write
 from wsss.utils.progress import tty_progress
 
 log = logging.getLogger("wsss")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a ConfigError for a device this machine does not have."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"config key 'train.device': unknown device {name!r} (auto | cpu | cuda | cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'train.device': {name} but this machine has no usable CUDA GPU (auto or cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"config key 'train.device': {name} but this machine has {torch.cuda.device_count()} GPU(s)")
-    return dev
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.amp`` on ``device`` (None: fp32)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode in ("auto", "bf16"):
-        return torch.bfloat16
-    if mode == "fp16":
-        return torch.float16
-    raise ConfigError(f"config key 'train.amp': unknown value '{mode}' (auto | bf16 | fp16 | off)")
-
-
-def git_state() -> tuple[str, bool]:
-    """(commit SHA, whether tracked files differ from it) of the source tree; ("", False) outside git."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-
-    try:
-        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
-    except Exception:
-        return "", False
-
-
-def env_info(weights_source: str) -> dict:
-    """Versions, git SHA, world size and weights source, for env.json."""
-    import timm
-    import torchvision
-
-    sha, dirty = git_state()
-    from wsss import __version__
-
-    return {
-        "wsss": __version__, "git_sha": sha, "python": sys.version.split()[0], "platform": platform.platform(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-        "git_dirty": dirty, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-        "world_size": dist.world_size(),
-        "weights_source": weights_source, "started": datetime.now().isoformat(timespec="seconds"),
-        "argv": sys.argv,
-    }  # fmt: skip
 
 
 class Trainer:
@@ -184,18 +114,28 @@ class Trainer:
         self.hooks = default_hooks() if hooks is None else list(hooks)
         self.results: dict | None = None  # the final evaluation, once fit has run (EvalHook)
         self.finished = False  # resumed a run whose final evaluation is already written
+        self.lock = RunLock(self.run_dir)  # rank 0 holds it from its first write to the end of fit
+        self.eval_missing = False  # resumed at a checkpoint whose evaluation did not finish
         if resume:
-            self._load(self.run_dir / "checkpoints" / "last.pt")
+            last = self.run_dir / "checkpoints" / "last.pt"
+            self._load(last)
+            if self.start_iter > t.max_iters:
+                raise ConfigError(f"config key 'train.max_iters': {t.max_iters} is below iteration {self.start_iter} "
+                                  f"of {last}; a resumed run keeps or lengthens its schedule")  # fmt: skip
             # on every rank (they must agree); rank 0 below touches neither file it reads
             self.finished = self.start_iter >= t.max_iters and self._final_written()
             if dist.is_main():
+                self.lock.acquire()
                 remove_temporaries(self.run_dir)
                 trim_metrics(self.run_dir / "metrics.jsonl", self.start_iter,
                              redo_eval=self.start_iter >= t.max_iters and not self.finished)  # fmt: skip
             dist.barrier()
+            due = t.eval_every > 0 and self.start_iter % t.eval_every == 0 and 0 < self.start_iter < t.max_iters
+            self.eval_missing = due and self.val_ds is not None and not self._evaluated(self.start_iter)
         elif dist.is_main():
-            prepare_new_run(self.run_dir, overwrite)
             ensure_writable(self.run_dir)
+            self.lock.acquire()
+            prepare_new_run(self.run_dir, overwrite)  # again, under the lock: another process may have begun
             text = dump_config(cfg)
             atomic_write(self.run_dir / "config.yaml", lambda p: Path(p).write_text(text))
             env = env_info(self.method.backbone.weights_source) | {"threads": self.threads, "cpu_budget": cpu_budget()}
@@ -278,6 +218,20 @@ class Trainer:
         final, last = self.run_dir / "final_eval.json", self.run_dir / "checkpoints" / "last.pt"
         return final.is_file() and final.stat().st_mtime_ns >= last.stat().st_mtime_ns
 
+    def _evaluated(self, it: int) -> bool:
+        """Whether metrics.jsonl holds an evaluation record of iteration ``it``."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("iter") == it and "split" in rec:
+                return True
+        return False
+
     def log_record(self, rec: dict) -> None:
         """Append ``rec`` (with an ``iter``) to metrics.jsonl, and its numbers to TensorBoard when on (rank 0)."""
         if dist.is_main():
@@ -323,10 +277,19 @@ class Trainer:
     def fit(self, stop_at: int = 0) -> dict | None:
         """Run to ``train.max_iters`` (or stop after iteration ``stop_at`` > 0 with the schedule unchanged,
         to be resumed later); returns the final evaluation results, also written to final_eval.json."""
-        t, cfg = self.cfg.train, self.cfg
         if self.finished:
+            self.lock.release()
             log.info("%s: finished at iteration %d; its final_eval.json is kept", self.run_dir, self.start_iter)
             return json.loads((self.run_dir / "final_eval.json").read_text())
+        if dist.is_main():
+            self.lock.acquire()
+        try:
+            return self._fit(stop_at)
+        finally:
+            self.lock.release()
+
+    def _fit(self, stop_at: int) -> dict | None:
+        t, cfg = self.cfg.train, self.cfg
         world = dist.world_size()
         loader = train_loader(self.train_ds, self.micro, t.seed, self.start_iter * t.batch_size, dist.rank(), world,
                               cfg.data.num_workers)  # fmt: skip
@@ -407,14 +370,6 @@ class Trainer:
                         b.copy_(v)
             self.method.on_step_skipped(it)
         return StepInfo(it + 1, lr, values[0], logs, taken)
-
-
-def host_floats(values: list) -> list[float]:
-    """Python floats of scalar tensors (any device) and numbers, in order, with one device-to-host copy for
-    all the tensors."""
-    tensors = [v.reshape(()) for v in values if torch.is_tensor(v)]
-    copied = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
-    return [next(copied) if torch.is_tensor(v) else float(v) for v in values]
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
