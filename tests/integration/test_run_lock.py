@@ -102,6 +102,7 @@ def _without_override(argv: list[str]) -> list[str]:
     return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *argv]
 
 
+@pytest.mark.slow  # two fresh interpreters (about 12 s)
 def test_a_read_only_output_directory_is_one_line_before_any_work(tiny_toco_run, demo_root):
     """Mode bits, not a file in the way: ``evaluate --out`` into a read-only folder and ``train --run-dir``
     under it fail with one line naming the folder, before anything is computed or created."""

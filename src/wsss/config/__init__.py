@@ -10,21 +10,26 @@ with their dotted name and a close match, ``--print_config``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from wsss.config.datasets import dataset_options
+from wsss.config.values import (
+    ConfigError,
+    apply_overrides,
+    build_dataclass,
+    deep_merge,
+    drop_section,
+    split_overrides,
+)
+
+__all__ = ["ConfigError", "apply_overrides", "build_dataclass", "drop_section", "split_overrides"]
+
 log = logging.getLogger("wsss")
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key."""
 
 
 def _at_least(cfg, section: str, **lows: int) -> None:
@@ -176,78 +181,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        members = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, members[0], key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(args) != len(value):
-            raise ConfigError(f"config key '{key}' needs {len(args)} values, got {list(value)}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    if origin is list:
-        (a,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, a, key) for v in value]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if tp is str and value is None:
-        return ""
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
-    return value
-
-
-def build_dataclass(cls: type, values: dict[str, Any] | None, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a dict; unknown keys and wrong types raise ConfigError.
-
-    Args:
-        cls: a dataclass type.
-        values: its fields as a (possibly nested) dict.
-        prefix: dotted path of this section, for error messages.
-    """
-    if values is not None and not isinstance(values, dict):
-        raise ConfigError(f"config key '{prefix}' is a section: give its keys (--{prefix}.KEY VALUE), got {values!r}")
-    values = dict(values or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, val in values.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint}")
-        tp = hints[key]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[key] = build_dataclass(tp, val, full)
-        else:
-            kwargs[key] = _coerce(val, tp, full)
-    return cls(**kwargs)
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _extends(name: str, base_name: str) -> bool:
     from wsss.registry import METHODS
 
@@ -295,54 +228,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         base_name = (base_data.get("method") or {}).get("name", "toco")
         if name and name != base_name and not _extends(name, base_name):
             base_data.pop("method", None)
-        data = _deep_merge(base_data, data)
-    return data
-
-
-def split_overrides(tokens: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Pair ``--a.b v`` / ``--a.b=v`` tokens into (key, raw value); other tokens are returned apart, in order."""
-    items: list[tuple[str, str]] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--"):
-            rest.append(tok)
-            i += 1
-        elif "=" in tok:
-            key, _, raw = tok[2:].partition("=")
-            items.append((key, raw))
-            i += 1
-        else:
-            if i + 1 >= len(tokens):
-                raise ConfigError(f"override '{tok}' has no value")
-            items.append((tok[2:], tokens[i + 1]))
-            i += 2
-    return items, rest
-
-
-def drop_section(overrides: list[str], section: str) -> list[str]:
-    """``overrides`` without the keys of ``section`` (e.g. a weak recipe's ``method.*`` keys, which another
-    method's config would reject), as ``--key=value`` tokens."""
-    pairs, rest = split_overrides(overrides)
-    return [f"--{k}={v}" for k, v in pairs if not k.startswith(section + ".")] + rest
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``["--train.max_iters", "5", "--data.root=/x"]`` style overrides (values parsed as YAML)."""
-    data = _deep_merge({}, data)
-    items, rest = split_overrides(overrides)
-    if rest:
-        raise ConfigError(f"unexpected argument '{rest[0]}' (overrides look like --train.max_iters 100)")
-    for key, raw in items:
-        val = yaml.safe_load(raw) if raw != "" else ""
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{key}': '{p}' is not a section")
-        node[parts[-1]] = val
+        data = deep_merge(base_data, data)
     return data
 
 
@@ -362,7 +248,7 @@ def resolve(data: dict[str, Any]) -> RunConfig:
         elif ev["bkg_thre"] != moved:
             log.warning("config key 'method.bkg_thre' (%s) is no longer read: CAMs are scored at eval.bkg_thre (%s); "
                         "--eval.bkg_thre %s scores them as before", moved, ev["bkg_thre"], moved)  # fmt: skip
-    data_sec, options = _dataset_options(data.get("data"))
+    data_sec, options = dataset_options(data.get("data"), DataConfig.dataset)
     data["data"] = data_sec
     name = method_sec.pop("name", "toco")
     try:
@@ -379,52 +265,6 @@ def resolve(data: dict[str, Any]) -> RunConfig:
                               data=dataclasses.replace(base.data, options=options))  # fmt: skip
     method_cls.validate(cfg)
     return cfg
-
-
-# Keys that were data.* for every dataset and now belong to one dataset's own section, with the default they
-# had; run directories written before still load (moved when the dataset has the key, dropped at the default).
-_MOVED_DATA_KEYS = {"holdout": 0.1, "no_background": False}
-
-
-def _dataset_options(section: Any) -> tuple[dict[str, Any], Any]:
-    """(the data section without the dataset's own, that section built by the dataset's Config or None)."""
-    from wsss.registry import DATASETS
-
-    if section is not None and not isinstance(section, dict):
-        raise ConfigError(f"config key 'data' is a section: give its keys (--data.KEY VALUE), got {section!r}")
-    sec = dict(section or {})
-    name = sec.get("dataset", DataConfig.dataset)
-    try:
-        entries = DATASETS.entries()
-        spec = DATASETS.get(name)
-    except KeyError as e:
-        raise ConfigError(f"config key 'data.dataset': {e.args[0]}") from None
-    config_cls = getattr(spec, "Config", None)
-    own = sec.pop(name, None)
-    if own is not None and not isinstance(own, dict):
-        raise ConfigError(f"config key 'data.{name}' is a section: give its keys (--data.{name}.KEY VALUE), "
-                          f"got {own!r}")  # fmt: skip
-    own = dict(own or {})
-    if others := [k for k in sec if k in entries]:
-        raise ConfigError(f"config key 'data.{others[0]}' configures the {others[0]} dataset, but data.dataset is "
-                          f"'{name}'")  # fmt: skip
-    if "options" in sec:
-        raise ConfigError(f"config key 'data.options': give the dataset's settings as data.{name}.KEY")
-    fields = {f.name for f in dataclasses.fields(config_cls)} if config_cls is not None else set()
-    for key, default in _MOVED_DATA_KEYS.items():
-        if key not in sec:
-            continue
-        value = sec.pop(key)
-        if key in fields:
-            own.setdefault(key, value)
-        elif value != default:
-            raise ConfigError(f"config key 'data.{key}' is a setting of one dataset (data.<dataset>.{key}); the "
-                              f"{name} dataset has no such setting")  # fmt: skip
-    if config_cls is None:
-        if own:
-            raise ConfigError(f"config key 'data.{name}.{next(iter(own))}': the {name} dataset has no settings")
-        return sec, None
-    return sec, build_dataclass(config_cls, own, f"data.{name}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
