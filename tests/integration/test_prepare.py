@@ -1,9 +1,11 @@
 """`wsss prepare voc|coco` on tiny hand-made inputs."""
 
 import json
+import re
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from wsss.cli import main
@@ -234,3 +236,27 @@ def test_prepare_and_check_name_the_registered_datasets(tmp_path, capsys):
     assert detect(tmp_path, DATASETS.entries()) == "coco"
     (tmp_path / "tags.csv").write_text("image,tags\n")  # a user's folder wins over both
     assert detect(tmp_path, DATASETS.entries()) == "folder"
+
+
+def test_voc_training_and_data_check_read_the_layout_the_same_way(tmp_path):
+    """One reader behind both: an image listed without labels stops the dataset at that image, and data check
+    names it (and each other one) instead; listed images with labels are checked, with their masks."""
+    from types import SimpleNamespace
+
+    from wsss.data.check import check_root
+    from wsss.data.datasets.voc import read_voc_layout
+    from wsss.data.io import DataError
+    from wsss.registry import DATASETS
+
+    root, sets = _voc_root(tmp_path, "v1", "t1", ["v1", "t1", "t2"])
+    (sets / "train.txt").write_text("t1 extra-column\nt2\n\n")
+    (root / "cls_labels.json").write_text(json.dumps({"v1": ["cat"], "t1": ["dog"]}))
+    write_mask(root / "SegmentationClassAug" / "v1.png", np.full((4, 5), 8, np.uint8), voc_palette().flatten().tolist())
+    img = root / "JPEGImages" / "t2.jpg"
+    with pytest.raises(DataError, match="^" + re.escape(f"{img}: no image-level labels in cls_labels.json") + "$"):
+        read_voc_layout(root, "train", DATASETS.get("voc").classes)
+    val = DATASETS.get("voc").build(SimpleNamespace(root=str(root), train_root="", val_root="", train_split="train"),
+                                    "val", None, True)  # fmt: skip
+    assert [(i.name, i.tags, i.mask.name) for i in val.items] == [("v1", ("cat",), "v1.png")]
+    errors = [m for sev, m in check_root(root.parent, "voc") if sev == "error"]
+    assert errors == [f"{img}: no image-level labels in cls_labels.json"]

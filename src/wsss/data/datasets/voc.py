@@ -12,6 +12,7 @@ Layout read (written by ``wsss prepare voc|coco`` and ``wsss data demo``)::
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from wsss.data.base import Item, SegDataset, data_root, read_list
@@ -38,18 +39,28 @@ def mask_dir(root: Path) -> Path:
 
 
 def read_voc_layout(root: Path, split: str, classes: ClassSpec, image_dir=None) -> list[Item]:
-    """Items of ``split`` under a VOC-layout root; tags from cls_labels.json."""
-    names = read_list(root / "ImageSets" / "Segmentation" / f"{split}.txt")
-    labels = read_cls_labels(root)
-    mdir = mask_dir(root)
+    """Items of ``split`` under a VOC-layout root; tags from cls_labels.json; the first problem raises DataError."""
     items = []
+    for entry in voc_items(root, read_list(root / "ImageSets" / "Segmentation" / f"{split}.txt"),
+                           read_cls_labels(root), image_dir):  # fmt: skip
+        if isinstance(entry, str):
+            raise DataError(entry)
+        items.append(entry)
+    return items
+
+
+def voc_items(root: Path, names, labels: dict[str, list[str]], image_dir=None) -> Iterator[Item | str]:
+    """For each name, its Item (image, mask when the mask folder has one, tags) or, when it cannot be
+    listed, the one-line problem: the single reader behind training (which stops at the first problem)
+    and ``data check`` (which lists them all)."""
+    mdir = mask_dir(root)
     for n in names:
         img = (image_dir(n) if image_dir else root / "JPEGImages") / f"{n}.jpg"
         if n not in labels:
-            raise DataError(f"{img}: no image-level labels in cls_labels.json")
+            yield f"{img}: no image-level labels in cls_labels.json"
+            continue
         mp = mdir / f"{n}.png"
-        items.append(Item(n, img, mp if mp.is_file() else None, tuple(labels[n])))
-    return items
+        yield Item(n, img, mp if mp.is_file() else None, tuple(labels[n]))
 
 
 def read_cls_labels(root: Path) -> dict[str, list[str]]:
@@ -141,16 +152,13 @@ class VOCLayout(DatasetSpec):
         lists = sorted((root / "ImageSets" / "Segmentation").glob("*.txt"))
         if not lists:
             problems.append(("error", f"{root / 'ImageSets' / 'Segmentation'}: no split lists"))
-        names = sorted({ln.split()[0] for p in lists for ln in p.read_text().splitlines() if ln.strip()})
-        image_dir = self.image_dir_fn(root) if self.image_dir_fn else lambda _n: root / "JPEGImages"
-        md, items = mask_dir(root), []
-        for n in names:
-            img = image_dir(n) / f"{n}.jpg"
-            if n not in labels:
-                problems.append(("error", f"{img}: no image-level labels in cls_labels.json"))
-                continue
-            mp = md / f"{n}.png"
-            items.append((n, img, mp if mp.is_file() else None, labels[n]))
+        names = sorted({n for p in lists for n in read_list(p)})
+        items = []
+        for entry in voc_items(root, names, labels, self.image_dir_fn(root) if self.image_dir_fn else None):
+            if isinstance(entry, str):
+                problems.append(("error", entry))
+            else:
+                items.append((entry.name, entry.image, entry.mask, list(entry.tags)))
         return problems + check_items(items, classes_for_root(root, self.classes))
 
     def prepare(self, root: Path, sbd: str | None = None, overwrite: bool = False) -> dict:
