@@ -54,11 +54,11 @@ def load_run(target: str | Path, overrides: list[str] | tuple[str, ...] = (), de
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: no config.yaml next to the checkpoint (give a run directory)")
     cfg = load_config(cfg_path, ["--model.weights", "none", *overrides])
-    st = load_checkpoint(ckpt)
-    if not isinstance(st.get("classes"), list):
+    saved = load_checkpoint(ckpt)
+    if not isinstance(saved.get("classes"), list):
         raise CheckpointError(f"{ckpt}: has no class list (not a checkpoint wsss wrote)")
-    classes = ClassSpec(tuple(st["classes"]), background=bool(st["background"]))
-    method, dev = _instantiate(cfg, classes, st["model"], device, ckpt)
+    classes = ClassSpec(tuple(saved["classes"]), background=bool(saved["background"]))
+    method, dev = _instantiate(cfg, classes, saved["model"], device, ckpt)
     return cfg, method, classes, dev, run_dir
 
 

@@ -89,12 +89,12 @@ def model_config(cfg: RunConfig):
 
 def build_method(cfg: RunConfig, classes: ClassSpec):
     """Backbone + the configured method."""
-    mcfg = model_config(cfg)
+    model_cfg = model_config(cfg)
     from wsss.models.cnn import resolve_arch
 
     try:
-        builder = BACKBONES.get(resolve_arch(mcfg))
+        builder = BACKBONES.get(resolve_arch(model_cfg))
     except KeyError as e:
         raise ConfigError(f"config key 'model.arch': {e.args[0]}") from None
-    backbone = builder(mcfg)
-    return METHODS.get(cfg.method_name)(cfg.method, classes, backbone, mcfg)
+    backbone = builder(model_cfg)
+    return METHODS.get(cfg.method_name)(cfg.method, classes, backbone, model_cfg)

@@ -23,25 +23,25 @@ def rng_state() -> dict:
     """Python, NumPy and torch (CPU + CUDA) RNG states as tensors/plain types."""
     py = random.getstate()
     np_state = cast(tuple, np.random.get_state())  # the legacy tuple (name, keys, pos, has_gauss, gauss)
-    st = {
+    saved = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
+        saved["cuda"] = torch.cuda.get_rng_state_all()
+    return saved
 
 
-def set_rng_state(st: dict) -> None:
+def set_rng_state(saved: dict) -> None:
     """Restore what :func:`rng_state` saved."""
-    v, s, g = st["python"]
+    v, s, g = saved["python"]
     random.setstate((v, tuple(s), g))
-    n = st["numpy"]
+    n = saved["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -83,14 +83,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
-        st = torch.load(path, map_location=map_location, weights_only=True)
+        saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: not a readable wsss checkpoint ({type(e).__name__}: {first})") from None
-    if not isinstance(st, dict) or not isinstance(st.get("model"), dict):
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise CheckpointError(f"{path}: not a wsss checkpoint (no 'model' weights: a bare state_dict or another "
                               "program's file); give a run directory or a checkpoint wsss wrote")  # fmt: skip
-    return st
+    return saved
 
 
 def load_weights(module: torch.nn.Module, state: dict, source: str | Path) -> None:

@@ -196,14 +196,14 @@ class Trainer:
         log.info("best.pt: seg mIoU %.2f at iteration %d", 100 * miou, it)
 
     def _load(self, path: Path) -> None:
-        st = load_checkpoint(path, map_location=self.device)
-        load_weights(self.method, st["model"], path)
-        self.opt.load_state_dict(st["optimizer"])
-        self.scaler.load_state_dict(st["scaler"])
-        set_rng_state(st["rng"])
+        saved = load_checkpoint(path, map_location=self.device)
+        load_weights(self.method, saved["model"], path)
+        self.opt.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
         best = path.parent / "best.pt"  # last.pt is saved before its iteration's evaluation: best.pt knows more
-        self.best = dict(load_checkpoint(best)["best"]) if best.is_file() else dict(st.get("best", {}))
-        self.start_iter = int(st["iter"])
+        self.best = dict(load_checkpoint(best)["best"]) if best.is_file() else dict(saved.get("best", {}))
+        self.start_iter = int(saved["iter"])
         log.info("resumed from %s at iteration %d", path, self.start_iter)
 
     def checkpoint_name(self) -> str:

@@ -209,10 +209,10 @@ def config_with_modules(base: type, sections: tuple[str, ...]) -> type:
     fields = []
     for n in sections:
         try:
-            mcfg = MODULES.get(n).Config
+            config_cls = MODULES.get(n).Config
         except KeyError as e:
             raise KeyError(f"method.modules: {e.args[0]}") from None
-        fields.append((n, mcfg, field(default_factory=mcfg)))
+        fields.append((n, config_cls, field(default_factory=config_cls)))
     cls = dataclasses.make_dataclass(base.__name__, fields, bases=(base,), frozen=True)
     cls.__qualname__ = base.__qualname__
     cls.__doc__ = base.__doc__

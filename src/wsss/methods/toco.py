@@ -221,8 +221,8 @@ class ToCo(ModuleHost, Method):
             logs["ctc"] = loss_ctc.detach()
         if self.mods:
             gen = sample_generator(batch, it, x.device)
-            st = StepState(x, tags, valid, out, feat, logits, cam, aux_cam, tok_labels, small_valid, it, gen)
-            loss = self.add_module_losses(st, loss, logs)
+            state = StepState(x, tags, valid, out, feat, logits, cam, aux_cam, tok_labels, small_valid, it, gen)
+            loss = self.add_module_losses(state, loss, logs)
         if it >= c.seg_warmup and c.w_seg > 0:
             rgb = denormalize(x)  # (B, 3, H, W) in [0, 1] for PAR and the energy term: once per step
             labels = self._par_pseudo_labels(aux_cam if it < c.aux_labels_until else cam, x, rgb, tags, valid)
