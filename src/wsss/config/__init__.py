@@ -18,16 +18,9 @@ from typing import Any
 import yaml
 
 from wsss.config.datasets import dataset_options
-from wsss.config.values import (
-    ConfigError,
-    apply_overrides,
-    build_dataclass,
-    deep_merge,
-    drop_section,
-    split_overrides,
-)
-
-__all__ = ["ConfigError", "apply_overrides", "build_dataclass", "drop_section", "split_overrides"]
+from wsss.config.values import ConfigError, apply_overrides, build_dataclass, deep_merge
+from wsss.config.values import drop_section as drop_section  # re-exported: the commands' override helpers
+from wsss.config.values import split_overrides as split_overrides
 
 log = logging.getLogger("wsss")
 

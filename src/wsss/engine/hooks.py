@@ -18,6 +18,7 @@ from pathlib import Path
 from wsss.data.io import dumps_results
 from wsss.engine.checkpoint import save_rotating
 from wsss.engine.guard import TrainingError, params_finite
+from wsss.engine.rundir import evaluated_at
 from wsss.utils import dist
 from wsss.utils.files import atomic_write
 
@@ -113,18 +114,24 @@ class EvalHook(Hook):
     resumed at a checkpoint whose evaluation was interrupted evaluates it first. The final results are
     ``trainer.results``."""
 
+    @staticmethod
+    def due(t, it: int) -> bool:
+        """Whether the schedule ``t`` (train config) evaluates after iteration ``it``."""
+        return (t.eval_every > 0 and it % t.eval_every == 0) or it == t.max_iters
+
     def before_train(self, trainer, end: int) -> None:
         trainer.results = None
-        if getattr(trainer, "eval_missing", False):  # killed during the evaluation that follows a checkpoint
-            s = trainer.start_iter
+        s, t = trainer.start_iter, trainer.cfg.train
+        # resumed at a checkpoint whose evaluation was killed (the checkpoint is written first); read on every
+        # rank, after the resume's barrier, so they agree; the end of the schedule is after_train's
+        if 0 < s < t.max_iters and trainer.val_ds is not None and self.due(t, s) and not evaluated_at(
+                trainer.run_dir / "metrics.jsonl", s):  # fmt: skip
             log.info("iteration %d: its evaluation did not finish before the run stopped; evaluating now", s)
             trainer.results = trainer.evaluate(s)
             trainer.save_best(s, trainer.results)
-            trainer.eval_missing = False
 
     def after_step(self, trainer, step: StepInfo, end: int) -> None:
-        t = trainer.cfg.train
-        if (t.eval_every > 0 and step.it % t.eval_every == 0) or step.it == t.max_iters:
+        if self.due(trainer.cfg.train, step.it):
             trainer.results = trainer.evaluate(step.it)
             trainer.save_best(step.it, trainer.results)
 

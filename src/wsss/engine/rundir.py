@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -96,21 +97,25 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
     return gone
 
 
+def _records(path: Path) -> Iterator[tuple[str, int | None, dict]]:
+    """(line, its iteration, record) of each line of ``metrics.jsonl``; a torn or foreign line has None."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            yield line, int(rec["iter"]), rec
+        except (ValueError, KeyError, TypeError):
+            yield line, None, {}
+
+
 def trim_metrics(path: Path, start_iter: int, redo_eval: bool) -> int:
     """Cut ``metrics.jsonl`` back to what a run resumed at ``start_iter`` has done: records of later
     iterations (they will be logged again) and torn lines go; with ``redo_eval`` the evaluation records
     of ``start_iter`` too (the final evaluation runs again). Returns the number of records dropped."""
-    if not path.is_file():
-        return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-            it = int(rec["iter"])
-        except (ValueError, KeyError, TypeError):
-            dropped += 1
-            continue
-        if it > start_iter or (redo_eval and it == start_iter and "split" in rec):
+    for line, it, rec in _records(path):
+        if it is None or it > start_iter or (redo_eval and it == start_iter and "split" in rec):
             dropped += 1
             continue
         kept.append(line)
@@ -119,6 +124,11 @@ def trim_metrics(path: Path, start_iter: int, redo_eval: bool) -> int:
         log.info("metrics.jsonl: %d record(s) after iteration %d dropped (they are logged again)", dropped,
                  start_iter)  # fmt: skip
     return dropped
+
+
+def evaluated_at(path: Path, it: int) -> bool:
+    """Whether ``metrics.jsonl`` holds an evaluation record of iteration ``it``."""
+    return any(i == it and "split" in rec for _line, i, rec in _records(path))
 
 
 class RunLock:

@@ -115,7 +115,6 @@ class Trainer:
         self.results: dict | None = None  # the final evaluation, once fit has run (EvalHook)
         self.finished = False  # resumed a run whose final evaluation is already written
         self.lock = RunLock(self.run_dir)  # rank 0 holds it from its first write to the end of fit
-        self.eval_missing = False  # resumed at a checkpoint whose evaluation did not finish
         if resume:
             last = self.run_dir / "checkpoints" / "last.pt"
             self._load(last)
@@ -130,8 +129,6 @@ class Trainer:
                 trim_metrics(self.run_dir / "metrics.jsonl", self.start_iter,
                              redo_eval=self.start_iter >= t.max_iters and not self.finished)  # fmt: skip
             dist.barrier()
-            due = t.eval_every > 0 and self.start_iter % t.eval_every == 0 and 0 < self.start_iter < t.max_iters
-            self.eval_missing = due and self.val_ds is not None and not self._evaluated(self.start_iter)
         elif dist.is_main():
             ensure_writable(self.run_dir)
             self.lock.acquire()
@@ -217,20 +214,6 @@ class Trainer:
         """final_eval.json exists and was written after last.pt (it describes the last weights)."""
         final, last = self.run_dir / "final_eval.json", self.run_dir / "checkpoints" / "last.pt"
         return final.is_file() and final.stat().st_mtime_ns >= last.stat().st_mtime_ns
-
-    def _evaluated(self, it: int) -> bool:
-        """Whether metrics.jsonl holds an evaluation record of iteration ``it``."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return False
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("iter") == it and "split" in rec:
-                return True
-        return False
 
     def log_record(self, rec: dict) -> None:
         """Append ``rec`` (with an ``iter``) to metrics.jsonl, and its numbers to TensorBoard when on (rank 0)."""
