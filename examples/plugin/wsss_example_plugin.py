@@ -111,8 +111,7 @@ class ManifestDataset(DatasetSpec):
             classes, rows = self.rows(root)
         except (OSError, ValueError) as e:  # DataError and json's errors are ValueErrors
             return [("error", f"{root}: {e}")]
-        items = [(it.name, it.image, it.mask, it.tags) for it in self.items(root, rows, None)]
-        return check_items(items, classes)
+        return check_items(self.items(root, rows, None), classes)
 
 
 DATASETS.register("manifest")(ManifestDataset())

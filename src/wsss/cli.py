@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from wsss.utils.progress import tty_progress
+from wsss.utils.progress import progress_reporter
 
 log = logging.getLogger("wsss")
 
@@ -89,7 +89,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
         where = cfg.data.val_root or cfg.data.root or cfg.data.dataset
         raise DataError(f"{where}: dataset classes {ds.classes.names} differ from the checkpoint's {classes.names}")
     loader = eval_loader(ds, cfg.eval.batch_size, dist.rank(), dist.world_size(), cfg.data.num_workers)
-    progress = tty_progress(f"evaluate {split}")
+    progress = progress_reporter(f"evaluate {split}")
     which = tuple(args.which.split(",")) if ds.load_masks else ("tags",)  # no masks: the tag level only
     res = run_evaluation(method, loader, classes, cfg.eval, device, which, progress)
     report = {"split": split, "images": len(ds), "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
@@ -137,7 +137,7 @@ def cmd_predict(args, extra: list[str]) -> int:
     if opts.max_side < 0:
         raise UsageError(f"wsss predict: --max-side {opts.max_side}: give a positive side in pixels (0: off)")
     earlier = check_outputs(ds.items, out, opts)  # before any work: never replace an input or another's file
-    progress = tty_progress("predict")
+    progress = progress_reporter("predict")
     meta = {"run": str(run_dir), "method": cfg.method_name, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
             "reduce": cfg.eval.reduce, "crf": cfg.eval.crf, "max_side": opts.max_side, "window": cfg.eval.window,
             "overlap": cfg.eval.overlap}  # fmt: skip

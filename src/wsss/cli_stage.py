@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsss.utils.progress import tty_progress
+from wsss.utils.progress import progress_reporter
 
 
 def cmd_pseudo_labels(args, extra: list[str]) -> int:
@@ -41,7 +41,7 @@ def cmd_pseudo_labels(args, extra: list[str]) -> int:
         if any(earlier.get(k) != v for k, v in now.items()):
             raise DataError(f"wsss pseudo-labels: {out} holds labels of another run or other settings; "
                              "give another --out")  # fmt: skip
-    progress = tty_progress(f"pseudo labels {split}")
+    progress = progress_reporter(f"pseudo labels {split}")
     loader = eval_loader(ds, cfg.eval.batch_size, 0, 1, cfg.data.num_workers)
     recs = export_pseudo_labels(method, loader, classes, device, out, args.crf, progress, meta,
                                 earlier.get("images", []))  # fmt: skip
@@ -93,6 +93,6 @@ def cmd_report(args, extra: list[str]) -> int:
     from wsss.report import build_report
 
     page = build_report(args.target, args.out or None, args.split, args.samples, args.overwrite, extra,
-                        tty_progress("evaluate"))  # fmt: skip
+                        progress_reporter("evaluate"))  # fmt: skip
     print(f"report: {page}")
     return 0

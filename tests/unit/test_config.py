@@ -96,3 +96,28 @@ def test_run_directories_with_the_old_data_keys_still_load():
     assert old_voc.data.options is None
     with pytest.raises(ConfigError, match=r"'data.holdout' is a setting of one dataset .*voc dataset has no such"):
         resolve({"data": {"dataset": "voc", "holdout": 0.3}})
+
+
+def test_renamed_module_keys_load_under_their_new_names(tmp_path, caplog):
+    """A module's one loss weight is ``w`` and thresholds end in ``_thre``; recipes and run directories that use
+    the old names (w_mem, w_cls, low, high) still load, with a warning; both names at once is an error."""
+    import yaml
+
+    cfg = load_config("configs/stcl/voc_vit-b.yaml", ["--method.temporal_contrast.size", "8"])
+    assert cfg.method.temporal_contrast.w == 0.1 and not hasattr(cfg.method.temporal_contrast, "w_mem")
+    old = tmp_path / "config.yaml"
+    old.write_text(
+        "method:\n  name: toco\n  modules: [temporal_contrast, class_tokens, ema_teacher, uncertain_masking]\n"
+        "  temporal_contrast:\n    w_mem: 0.3\n  class_tokens:\n    w_cls: 0.7\n"
+        "  uncertain_masking:\n    low: 0.15\n    high: 0.8\n"
+    )  # fmt: skip
+    m = load_config(old).method
+    assert (m.temporal_contrast.w, m.class_tokens.w) == (0.3, 0.7)
+    assert (m.uncertain_masking.low_thre, m.uncertain_masking.high_thre) == (0.15, 0.8)
+    assert "config key 'method.uncertain_masking.low' is now 'method.uncertain_masking.low_thre'" in caplog.text
+    text = dump_config(load_config(old))  # what a resumed run writes: the new names only, the same config
+    assert "w_mem" not in text and "low:" not in text and "low_thre: 0.15" in text
+    assert resolve(yaml.safe_load(text)) == load_config(old)
+    with pytest.raises(ConfigError, match=r"'method.temporal_contrast.w_mem' and 'method.temporal_contrast.w' are "
+                                          r"one setting .* give only 'method.temporal_contrast.w'"):  # fmt: skip
+        load_config("configs/stcl/voc_vit-b.yaml", ["--method.temporal_contrast.w_mem", "0.2"])

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("wsss")
 
 
 class ConfigError(ValueError):
@@ -64,7 +67,7 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, prefix: str) -> An
     """
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"config key '{prefix}' is a section: give its keys (--{prefix}.KEY VALUE), got {values!r}")
-    values = dict(values or {})
+    values = _renamed(cls, dict(values or {}), prefix)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -80,6 +83,23 @@ def build_dataclass(cls: type, values: dict[str, Any] | None, prefix: str) -> An
         else:
             kwargs[key] = _coerce(val, tp, full)
     return cls(**kwargs)
+
+
+def _renamed(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` with the keys that ``cls.renamed_keys`` (old name -> new name) lists under their new names, so
+    recipes and run directories written before a rename still load (with a warning); both names given is an
+    error, since which one the user meant cannot be told."""
+    renamed: dict[str, str] = getattr(cls, "renamed_keys", {})
+    dot = f"{prefix}." if prefix else ""
+    for old, new in renamed.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise ConfigError(f"config keys '{dot}{old}' and '{dot}{new}' are one setting (renamed to '{new}'): "
+                              f"give only '{dot}{new}'")  # fmt: skip
+        log.warning("config key '%s%s' is now '%s%s'; read as it", dot, old, dot, new)
+        values[new] = values.pop(old)
+    return values
 
 
 def deep_merge(base: dict, over: dict) -> dict:

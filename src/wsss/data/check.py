@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
+from wsss.data.base import Item
 from wsss.data.classes import ClassSpec
 from wsss.data.io import (
     WIDE_MODES,
@@ -45,13 +47,13 @@ def preflight(ds, progress=None) -> list[str]:
     return problems
 
 
-def class_counts(items, classes: ClassSpec) -> list[tuple[str, str]]:
+def class_counts(items: Iterable[Item], classes: ClassSpec) -> list[tuple[str, str]]:
     """One ``info`` line with the number of images tagged with each class that has any, and one warning listing
     the classes no image carries (their classifier rows only ever see negatives: their CAMs never learn).
-    ``items``: (name, image, mask, tags) tuples."""
+    ``items``: a dataset's Items."""
     counts = dict.fromkeys(classes.names, 0)
-    for *_, tags in items:
-        for t in set(tags):
+    for item in items:
+        for t in set(item.tags):
             if t in counts:
                 counts[t] += 1
     out = [("info", "images per class: " + (", ".join(f"{c} {n}" for c, n in counts.items() if n) or "none"))]
@@ -62,12 +64,14 @@ def class_counts(items, classes: ClassSpec) -> list[tuple[str, str]]:
     return out
 
 
-def check_items(items, classes: ClassSpec, report_untagged: bool = True) -> Problems:
-    """The problems of every image of ``items`` ((name, image, mask or None, tags) tuples): tags outside
+def check_items(items: Iterable[Item], classes: ClassSpec, report_untagged: bool = True) -> Problems:
+    """The problems of every image of ``items`` (a dataset's :class:`~wsss.data.base.Item` list): tags outside
     ``classes`` (and, with ``report_untagged``, none at all), unreadable, large and tiny images, masks of
     the wrong mode, size or values; plus the class counts."""
+    items = list(items)
     out = class_counts(items, classes)
-    for _name, img, mask, tags in items:
+    for item in items:
+        img, mask, tags = item.image, item.mask, item.tags
         if not tags and report_untagged:
             out.append(("error", f"{img}: image has no tags"))
         for t in tags:

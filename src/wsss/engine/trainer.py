@@ -47,7 +47,7 @@ from wsss.evaluation.evaluators import format_table, headline, run_evaluation
 from wsss.registry import METHODS
 from wsss.utils import dist
 from wsss.utils.files import atomic_write
-from wsss.utils.progress import tty_progress
+from wsss.utils.progress import progress_reporter
 
 log = logging.getLogger("wsss")
 
@@ -162,7 +162,7 @@ class Trainer:
         val_split = self.cfg.eval.split or self.cfg.data.val_split
         for ds, split in ((self.train_ds, self.cfg.data.train_split), (self.val_ds, val_split)):
             if ds is not None:
-                problems += preflight(ds, tty_progress(f"check {split}", leave=False) if dist.is_main() else None)
+                problems += preflight(ds, progress_reporter(f"check {split}", leave=False) if dist.is_main() else None)
         if problems:
             if dist.is_main() and len(problems) > 1:
                 for p in problems:
@@ -237,7 +237,7 @@ class Trainer:
         progress = None
         if dist.is_main():
             log.info("iteration %d: evaluating %d images of split %s", it, len(self.val_ds), split)
-            progress = tty_progress(f"evaluate {split}", leave=False)  # large images make an evaluation long
+            progress = progress_reporter(f"evaluate {split}", leave=False)  # large images make an evaluation long
         try:
             res = run_evaluation(self.method, loader, self.classes, self.cfg.eval, self.device, which, progress)
         except RuntimeError as e:

@@ -12,7 +12,7 @@ recipe with ``method.modules``:
   before the aux layer, seg head, token contrast).
 - ``class_tokens``: C learnable class tokens appended after the patches before the last ``blocks``
   blocks (default 2). Each final class token gives its class score (own weight vector; multi-label
-  soft-margin loss, weight ``w_cls`` 1.0, logged as ``ctk_cls``). The class-to-patch attention of the
+  soft-margin loss, weight ``w`` 1.0, logged as ``ctk_cls``). The class-to-patch attention of the
   last block, averaged over heads, is fused with the CAM: both are normalised by their per-map max and
   multiplied (``fuse: product``: the token's attention sharpens the CAM where both agree) or averaged
   (``mean``), their geometric mean (``geometric``), or not fused (``none``). With ``fuse_warmup`` N the
@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -109,8 +109,10 @@ class ClassTokenModule(PipelineModule):
     class Config:
         """Class token depth, loss weight and CAM fusion."""
 
+        renamed_keys: ClassVar[dict[str, str]] = {"w_cls": "w"}
+
         blocks: int = 2  # the class tokens take part in the last N blocks
-        w_cls: float = 1.0  # multi-label loss on the class-token scores
+        w: float = 1.0  # multi-label loss on the class-token scores
         fuse: str = "product"  # geometric | product | mean | none: how class attention refines the CAM
         # iterations over which the fused CAM is blended in from the plain one, so that the pseudo-label
         # thresholds keep their meaning while the tokens learn (0: fused from the start)
@@ -171,9 +173,9 @@ class ClassTokenModule(PipelineModule):
 
     def losses(self, state: StepState) -> dict[str, tuple[float, torch.Tensor]]:
         """``ctk_cls``: multi-label loss of the class-token scores."""
-        if self.cfg.w_cls <= 0:
+        if self.cfg.w <= 0:
             return {}
-        return {"ctk_cls": (self.cfg.w_cls, multilabel_loss(self.tok.scores(state.out.extra), state.tags))}
+        return {"ctk_cls": (self.cfg.w, multilabel_loss(self.tok.scores(state.out.extra), state.tags))}
 
 
 @METHODS.register("cpf_cte")

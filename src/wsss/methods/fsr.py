@@ -37,7 +37,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn as nn
@@ -210,11 +210,13 @@ class UncertainMasking(PipelineModule):
     class Config:
         """Loss weight, mask blocks and ratio, uncertainty band, random phase."""
 
+        renamed_keys: ClassVar[dict[str, str]] = {"low": "low_thre", "high": "high_thre"}
+
         w: float = 0.1
         block: int = 4  # tokens per block side (FSR: 4 = 64 px at patch 16)
         ratio: float = 0.4
-        low: float = 0.2
-        high: float = 0.7
+        low_thre: float = 0.2
+        high_thre: float = 0.7
         random_iters: int = 4000  # purely random masking before this iteration (FSR: max_iters / 5)
 
     def __init__(self, cfg: Config, host) -> None:
@@ -233,8 +235,8 @@ class UncertainMasking(PipelineModule):
         c = self.cfg
         h, w = state.feat.shape[-2:]
         cam2 = state.view.warp(state.aux_cam.float(), (h, w))
-        mask = uncertainty_block_mask(cam2, state.tags, c.block, c.ratio, c.low, c.high, state.it >= c.random_iters,
-                                      state.gen)  # fmt: skip
+        mask = uncertainty_block_mask(cam2, state.tags, c.block, c.ratio, c.low_thre, c.high_thre,
+                                      state.it >= c.random_iters, state.gen)  # fmt: skip
         state.view_mask = mask
         state.embed_hook = functools.partial(_mask_hook, self.mask_token, mask)
 

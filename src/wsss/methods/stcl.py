@@ -35,6 +35,7 @@ representations", is most plausibly ToCo's own patch-token contrast (PTC) and cl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +121,9 @@ class TemporalContrast(PipelineModule):
     class Config:
         """Bank size and update, loss weight and shape."""
 
-        w_mem: float = 0.1
+        renamed_keys: ClassVar[dict[str, str]] = {"w_mem": "w"}
+
+        w: float = 0.1
         size: int = 256  # entries per class
         dim: int = 128
         temp: float = 0.1
@@ -147,7 +150,7 @@ class TemporalContrast(PipelineModule):
         if self.training:
             b, k = write.nonzero(as_tuple=True)
             self.bank.enqueue(emb[b, k], k)
-        if c.w_mem <= 0 or state.it < c.warmup:
+        if c.w <= 0 or state.it < c.warmup:
             return {}
         b, k = has.nonzero(as_tuple=True)
         anchors, labels = [emb[b, k]], [k]
@@ -159,7 +162,7 @@ class TemporalContrast(PipelineModule):
         bank, bank_labels = self.bank.entries(c.min_entries)
         loss, _ = memory_contrast(torch.cat(anchors), torch.cat(labels), bank.to(z.dtype), bank_labels, c.temp,
                                   c.gamma)  # fmt: skip
-        return {"mem": (c.w_mem, loss)}
+        return {"mem": (c.w, loss)}
 
     def on_step_end(self, it: int) -> None:
         """Push the step's queued embeddings (all micro-batches, all processes in rank order) into the bank."""

@@ -1,16 +1,41 @@
-"""Progress bars for the commands' long loops, shown only where someone watches (stderr is a terminal)."""
+"""Progress of the commands' long loops: a tqdm bar where someone watches (stderr is a terminal), else a log
+line now and then, so a run under nohup, a scheduler or a pipe still says how far it is without bar redraws."""
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+log = logging.getLogger("wsss")
+
+LOG_EVERY_S = 30.0  # off a terminal: a loop shorter than this logs nothing
 
 
-def tty_progress(desc: str, **kw) -> Callable[[Iterable], Iterable] | None:
-    """A wrapper that shows a tqdm bar named ``desc`` over an iterable when stderr is a terminal, else None
-    (logs and pipes stay free of bar redraws). ``kw`` goes to tqdm (e.g. ``leave=False``)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+def progress_reporter(desc: str, *, interval: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic,
+                      **kw) -> Callable[[Iterable], Iterable]:  # fmt: skip
+    """A wrapper over an iterable named ``desc``: on a terminal a tqdm bar (``kw`` goes to tqdm, e.g.
+    ``leave=False``); elsewhere it logs ``desc: N of M (P %), T s`` once every ``interval`` seconds of the
+    ``clock`` and, if it logged any, ``desc: M done in T s`` at the end (M only when the iterable has a
+    length)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return lambda it: tqdm(it, desc=desc, dynamic_ncols=True, **kw)
+        return lambda it: tqdm(it, desc=desc, dynamic_ncols=True, **kw)
+    return lambda it: _logged(it, desc, interval, clock)
+
+
+def _logged(it: Iterable, desc: str, interval: float, clock: Callable[[], float]) -> Iterator:
+    total = len(it) if hasattr(it, "__len__") else None  # type: ignore[arg-type]
+    start = clock()
+    next_at, logged, n = start + interval, False, 0
+    for n, x in enumerate(it, 1):
+        yield x
+        now = clock()
+        if now >= next_at:
+            of = f"/{total} ({100 * n // total} %)" if total else ""
+            log.info("%s: %d%s, %.0f s", desc, n, of, now - start)
+            next_at, logged = now + interval, True
+    if logged:
+        log.info("%s: %d done in %.0f s", desc, n, clock() - start)

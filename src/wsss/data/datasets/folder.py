@@ -115,6 +115,12 @@ def unlisted_images(root: Path, rows) -> list[str]:
                   listed) if folder.is_dir() else []  # fmt: skip
 
 
+def folder_item(root: Path, fname: str, tags) -> Item:
+    """The Item of one tags.csv row: ``images/FNAME``, its mask ``masks/STEM.png`` when that file exists."""
+    mask = root / "masks" / f"{Path(fname).stem}.png"
+    return Item(Path(fname).stem, root / "images" / fname, mask if mask.is_file() else None, tuple(tags))
+
+
 def read_folder(root: Path, split: str | None, classes: ClassSpec | None, no_background: bool):
     """(items, classes) of a tagged folder; ``classes`` given means use that class list."""
     rows = read_tags_csv(root)
@@ -127,11 +133,7 @@ def read_folder(root: Path, split: str | None, classes: ClassSpec | None, no_bac
     if split_file is not None and split_file.is_file():
         keep = set(read_list(split_file))
         rows = [r for r in rows if r[0] in keep or Path(r[0]).stem in keep]
-    items = []
-    for fname, tags in rows:
-        img = root / "images" / fname
-        mp = root / "masks" / f"{Path(fname).stem}.png"
-        items.append(Item(Path(fname).stem, img, mp if mp.is_file() else None, tags))
+    items = [folder_item(root, fname, tags) for fname, tags in rows]
     if not items:
         raise DataError(f"{root}: no images listed " + (f"for split '{split}'" if split else "in tags.csv"))
     return items, classes
@@ -184,8 +186,7 @@ class FolderDataset(DatasetSpec):
         if extra := unlisted_images(root, rows):
             problems.append(("warning", f"{root / 'images'}: {len(extra)} file(s) not in tags.csv are not used (e.g. "
                              f"{', '.join(extra[:3])})"))  # fmt: skip
-        items = [(Path(f).stem, root / "images" / f, root / "masks" / f"{Path(f).stem}.png", t) for f, t in rows]
-        return problems + check_items(items, classes, report_untagged=False)
+        return problems + check_items([folder_item(root, f, t) for f, t in rows], classes, report_untagged=False)
 
     def build(self, cfg, split: str, transform, load_masks: bool) -> SegDataset:
         """Folder dataset for ``split``; the class list always comes from the train folder. Train and val in

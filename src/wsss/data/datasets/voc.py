@@ -158,7 +158,7 @@ class VOCLayout(DatasetSpec):
             if isinstance(entry, str):
                 problems.append(("error", entry))
             else:
-                items.append((entry.name, entry.image, entry.mask, list(entry.tags)))
+                items.append(entry)
         return problems + check_items(items, classes_for_root(root, self.classes))
 
     def prepare(self, root: Path, sbd: str | None = None, overwrite: bool = False) -> dict:
