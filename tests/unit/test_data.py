@@ -164,3 +164,28 @@ def test_train_transform_grey_and_blur_switch_on_and_default_stream_is_unchanged
     assert torch.allclose(grey[0] * 0.229 + 0.485, grey[1] * 0.224 + 0.456, atol=1e-5)
     blur = TrainTransform(16, (1.0, 1.0), True, 0.0, p_blur=1.0)(img, None, np.random.default_rng(3))[0]
     assert float(blur.diff(dim=-1).abs().mean()) < 0.7 * float(plain.diff(dim=-1).abs().mean())
+
+
+def test_the_second_views_colour_operations_make_one_trip_to_rgb(monkeypatch):
+    """Colour jitter then grey: the view is normalize(grey(jitter(denormalize(crop)))), one trip to RGB and back
+    (a trip per operation rounds twice), and without grey, blur or solarisation un-jittered images keep their bits."""
+    import wsss.data.views as views
+    from wsss.data.transforms import adjust_colour, denormalize, grayscale, normalize
+
+    img = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) - 0.45) / 0.226
+    crop = views.random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.0).image
+    g = torch.Generator().manual_seed(1)
+    torch.rand(2, 8, generator=g)
+    f = torch.rand(2, 3, generator=g) * 2 - 1
+    b, c, s = (1 + 0.4 * f[:, 0]), (1 + 0.4 * f[:, 1]), (1 + 0.2 * f[:, 2])
+    jittered = adjust_colour(denormalize(crop), *(v[:, None, None, None] for v in (b, c, s)))
+    both = views.random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.4, p_jitter=1.0, p_gray=1.0)
+    assert torch.equal(both.image, normalize(grayscale(jittered)))
+    trips = []
+    monkeypatch.setattr(views, "denormalize", lambda x: trips.append(1) or denormalize(x))
+    views.random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.4, p_jitter=1.0, p_gray=1.0, p_blur=1.0)
+    assert len(trips) == 1
+    half = views.random_resized_view(img, torch.Generator().manual_seed(1), jitter=0.4, p_jitter=0.5).image
+    on = torch.rand(2, 8, generator=torch.Generator().manual_seed(1))[:, 5] < 0.5
+    assert on.tolist() == [False, True]  # seed 1 draws one jittered image of two
+    assert torch.equal(half[~on], crop[~on]) and not torch.equal(half[on], crop[on])

@@ -54,14 +54,17 @@ def random_resized_view(
     img = roi_align(x, rois, output_size=(H, W), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     flips = (u[:, 4] < 0.5) if flip else torch.zeros(B, dtype=torch.bool, device=dev)
     img = torch.where(flips[:, None, None, None], img.flip(-1), img)
+    colour = p_gray > 0 or p_blur > 0 or p_solarize > 0
+    # one trip to RGB and back however many colour operations an image gets (each trip rounds)
+    rgb = denormalize(img) if jitter > 0 or colour else img
     if jitter > 0:
         on = (u[:, 5] < p_jitter)[:, None, None, None]
         f = torch.rand(B, 3, generator=gen, device=dev) * 2 - 1
         b, c, s = (1 + jitter * f[:, 0]), (1 + jitter * f[:, 1]), (1 + jitter / 2 * f[:, 2])
-        rgb = adjust_colour(denormalize(img), b[:, None, None, None], c[:, None, None, None], s[:, None, None, None])
-        img = torch.where(on, normalize(rgb), img)
-    if p_gray > 0 or p_blur > 0 or p_solarize > 0:
-        rgb = denormalize(img)
+        rgb = torch.where(on, adjust_colour(rgb, *(v[:, None, None, None] for v in (b, c, s))), rgb)
+        if not colour:
+            img = torch.where(on, normalize(rgb), img)
+    if colour:
         if p_gray > 0:
             rgb = torch.where((u[:, 6] < p_gray)[:, None, None, None], grayscale(rgb), rgb)
         if p_blur > 0:
