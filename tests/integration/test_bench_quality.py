@@ -139,6 +139,19 @@ def test_data_detection(tmp_path):
         q.data_overrides(str(junk), "configs/bench/toco.yaml")
 
 
+def test_an_empty_data_folder_is_filled_only_by_a_dataset_that_can_make_itself(tmp_path, monkeypatch):
+    """The demo recipe's dataset writes itself into an empty --data folder; a VOC recipe's cannot, and is refused."""
+    import wsss.data.synthetic as synthetic
+
+    made = []
+    monkeypatch.setattr(synthetic, "generate", lambda root: made.append(root))
+    assert q.data_overrides(str(tmp_path / "new"), "configs/bench/toco.yaml") == ["--data.root", str(tmp_path / "new")]
+    assert made == [tmp_path / "new"]
+    with pytest.raises(DataError, match="empty: not a dataset"):
+        q.data_overrides(str(tmp_path / "empty"), "configs/toco/voc_vit-b.yaml")
+    assert len(made) == 1
+
+
 def test_bench_quality_refuses_a_folder_with_a_users_table(tmp_path, tiny_args, capsys):
     (tmp_path / "table.md").write_text("my notes\n")
     args = ["bench", "quality", "--config", "configs/bench/toco.yaml", "--seeds", "1", "--out", str(tmp_path),

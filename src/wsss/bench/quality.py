@@ -38,6 +38,7 @@ from wsss.config import (
     resolve,
 )
 from wsss.data.io import DataError
+from wsss.registry import DATASETS
 from wsss.utils.files import atomic_write
 
 log = logging.getLogger("wsss")
@@ -84,10 +85,8 @@ def data_overrides(data: str, config: str) -> list[str]:
                 "--data.val_root", str(root / "val")]  # fmt: skip
     if (root / "cls_labels.json").is_file():
         return ["--data.root", str(root)]
-    if load_config(config).data.dataset == "demo" and not (root.exists() and any(root.iterdir())):
-        from wsss.demo import ensure_demo_data
-
-        ensure_demo_data(root)
+    spec = DATASETS.get(load_config(config).data.dataset)
+    if not (root.exists() and any(root.iterdir())) and getattr(spec, "generate", lambda r: False)(root):
         return ["--data.root", str(root)]
     raise DataError(f"{root}: not a dataset (no tags.csv, train/ and val/ folders with one, or cls_labels.json)")
 

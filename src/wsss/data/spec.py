@@ -51,6 +51,11 @@ class DatasetSpec:
         """Whether :meth:`prepare` converts anything (it is overridden)."""
         return type(self).prepare is not DatasetSpec.prepare
 
+    def generate(self, root: Path) -> bool:
+        """Write the dataset into ``root`` (missing or empty) when it can be made on the spot, as the built-in
+        synthetic data can; returns whether it did. Default: it cannot (real data is downloaded)."""
+        return False
+
 
 def detect(root: Path, specs: dict) -> str | None:
     """The name of the dataset in ``specs`` {name: entry} that recognises ``root`` most surely (ties: first

@@ -12,6 +12,7 @@ Layout read (written by ``wsss prepare voc|coco`` and ``wsss data demo``)::
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from wsss.data.classes import COCO, VOC, ClassSpec
 from wsss.data.io import DataError
 from wsss.data.spec import DatasetSpec, Problems
 from wsss.registry import DATASETS
+
+log = logging.getLogger("wsss")
 
 
 def read_classes_txt(path: Path) -> tuple[str, ...]:
@@ -119,13 +122,14 @@ class VOCLayout(DatasetSpec):
         recognise: ``fn(root)`` -> bool, whether a root has this layout (None: never auto-detected).
         surely: the detection score when ``recognise`` says yes.
         prepare_fn: ``fn(root, sbd, overwrite)`` -> counts, the one-off conversion (None: nothing to prepare).
+        generate_fn: ``fn(root)`` writing the whole dataset into ``root`` (None: it must be downloaded).
     """
 
     def __init__(self, name: str, classes: ClassSpec, image_dir_fn=None, recognise=None, surely: int = 1,
-                 layout: str = "", prepare_fn=None) -> None:  # fmt: skip
+                 layout: str = "", prepare_fn=None, generate_fn=None) -> None:  # fmt: skip
         self.name, self.image_dir_fn, self.layout = name, image_dir_fn, layout
         self.classes: ClassSpec = classes
-        self.recognise, self.surely, self.prepare_fn = recognise, surely, prepare_fn
+        self.recognise, self.surely, self.prepare_fn, self.generate_fn = recognise, surely, prepare_fn, generate_fn
 
     def build(self, cfg, split: str, transform, load_masks: bool) -> SegDataset:
         """The ``split`` of this dataset (root from data.train_root/val_root or data.root)."""
@@ -171,6 +175,13 @@ class VOCLayout(DatasetSpec):
         """True when the layout was given a conversion (voc, coco; not the demo data)."""
         return self.prepare_fn is not None
 
+    def generate(self, root: Path) -> bool:
+        """Writes the dataset into ``root`` when the layout was given a generator (the demo data)."""
+        if self.generate_fn is None:
+            return False
+        self.generate_fn(root)
+        return True
+
 
 def _has_voc_files(root: Path) -> bool:
     return any((root / m).exists() for m in ("JPEGImages", "ImageSets", "cls_labels.json"))
@@ -191,9 +202,17 @@ def _prepare_coco(root: Path, sbd: str | None, overwrite: bool) -> dict:
     return prepare_coco(root)
 
 
+def _generate_demo(root: Path) -> None:
+    from wsss.data.synthetic import generate
+
+    log.info("generating demo data in %s", root)
+    generate(root)
+
+
 DATASETS.register("voc")(VOCLayout("voc", VOC, recognise=_has_voc_files, layout="VOC (JPEGImages/, "
                                    "ImageSets/Segmentation/, cls_labels.json)", prepare_fn=_prepare_voc))  # fmt: skip
 # a COCO root written by `wsss prepare coco` has VOC's split lists too: COCO's image folders decide
 DATASETS.register("coco")(VOCLayout("coco", COCO, coco_image_dir, recognise=is_coco_root, surely=2,
                                     layout="COCO 2014 (train2014/, val2014/)", prepare_fn=_prepare_coco))  # fmt: skip
-DATASETS.register("demo")(VOCLayout("demo", VOC))  # `wsss data demo` output: VOC's layout and classes, read as voc
+# `wsss data demo` output: VOC's layout and classes, read as voc
+DATASETS.register("demo")(VOCLayout("demo", VOC, generate_fn=_generate_demo))
