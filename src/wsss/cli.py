@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="output directory (default: train.out_dir/<method>-<dataset>-<time>)")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --run-dir (without "
                    "it such a directory is refused; --resume continues it)")  # fmt: skip
-    t.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--print-config", "--print_config", dest="print_config", action="store_true",
+                   help="print the resolved config and exit")  # fmt: skip
     t.add_argument(
         "--stop-at",
         type=int,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from wsss.cli import main
 
@@ -248,3 +249,16 @@ def test_train_and_resume_under_autocast(tmp_path, tiny_args, amp):
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["iter"] for r in steps] == [1, 2, 3, 4] and "seg" in steps[-1]
     assert all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_print_config_shows_the_merged_recipe(capsys):
+    """`--print-config` (and the older `--print_config`) prints the resolved recipe: rca on the bench toco keeps
+    toco's method settings (it extends toco); fully_supervised on it starts from its own."""
+    for flag in ("--print-config", "--print_config"):
+        assert main(["train", "--config", "configs/bench/rca.yaml", flag]) == 0
+        out = yaml.safe_load(capsys.readouterr().out)
+        method = out["method"]
+        assert (method["name"], method["seg_warmup"], method["cam_scales"]) == ("rca", 100, [1.0, 0.5])
+    assert main(["train", "--config", "configs/bench/fully_supervised.yaml", "--print-config"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["method"]["name"] == "fully_supervised" and "cam_scales" not in out["method"]
