@@ -63,11 +63,11 @@ def ensure_demo_data(data: Path) -> None:
     other knobs than today's defaults, which the recipes and every quoted figure assume)."""
     from dataclasses import asdict
 
-    from wsss.data.synthetic import DemoConfig, generate
+    from wsss.data.synthetic import DemoConfig
+    from wsss.registry import DATASETS
 
     if not (data / "cls_labels.json").is_file():
-        log.info("generating demo data in %s", data)
-        generate(data)
+        DATASETS.get("demo").generate(data)
         return
     knobs = data / "demo_config.json"
     old = json.loads(knobs.read_text()) if knobs.is_file() else {}

@@ -75,8 +75,8 @@ def variants(config: str, overrides: list[str], ablate: bool = True) -> list[tup
 
 def data_overrides(data: str, config: str) -> list[str]:
     """Overrides that point a recipe at ``data``: a folder dataset (``tags.csv``, or ``train/`` and ``val/``
-    folders that each have one), a VOC-layout root (``cls_labels.json``), or, for a demo recipe, a
-    directory the demo data is generated into when missing."""
+    folders that each have one), a VOC-layout root (``cls_labels.json``), or a missing or empty
+    directory that the recipe's dataset writes itself into (``DatasetSpec.generate``: the demo data)."""
     root = Path(data)
     if (root / "tags.csv").is_file():
         return ["--data.dataset", "folder", "--data.root", str(root)]

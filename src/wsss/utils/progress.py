@@ -16,9 +16,9 @@ LOG_EVERY_S = 30.0  # off a terminal: a loop shorter than this logs nothing
 def progress_reporter(desc: str, *, interval: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic,
                       **kw) -> Callable[[Iterable], Iterable]:  # fmt: skip
     """A wrapper over an iterable named ``desc``: on a terminal a tqdm bar (``kw`` goes to tqdm, e.g.
-    ``leave=False``); elsewhere it logs ``desc: N of M (P %), T s`` once every ``interval`` seconds of the
-    ``clock`` and, if it logged any, ``desc: M done in T s`` at the end (M only when the iterable has a
-    length)."""
+    ``leave=False``); elsewhere it logs ``desc: N/M (P %), T s`` once every ``interval`` seconds of the
+    ``clock`` (``/M (P %)`` only when the iterable has a length) and, if it logged any, ``desc: N done in T s``
+    at the end."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 
